@@ -1,0 +1,123 @@
+// Python bindings for communicators: the c10d ProcessGroup adapter, tessera's NCCL communicator, and tensor-level
+// collectives on any of them (used by clipping, state dicts and the Python conformance tests).
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include "tessera/comm/pg/pg_communicator.h"
+#include "tessera/python/status_py.h"
+#include "tessera/torch/tensor_view.h"
+#ifdef TESSERA_WITH_CUDA
+#include "tessera/comm/nccl/nccl_communicator.h"
+#endif
+
+namespace py = pybind11;
+
+namespace tessera::python {
+namespace {
+
+comm::CollectiveOptions Opts(double timeout_s, uintptr_t stream) {
+  comm::CollectiveOptions o;
+  o.timeout = absl::Seconds(timeout_s);
+  o.stream = reinterpret_cast<void*>(stream);
+  return o;
+}
+
+comm::ReduceOp ParseOp(const std::string& op) {
+  if (op == "sum") return comm::ReduceOp::kSum;
+  if (op == "avg") return comm::ReduceOp::kAvg;
+  ThrowIfError(absl::InvalidArgumentError("reduce op '" + op + "' is not supported; expected 'sum' or 'avg'"));
+  return comm::ReduceOp::kSum;
+}
+
+// Runs one collective to completion with the GIL released (other Python threads keep running meanwhile).
+void RunAndWait(comm::Communicator& c, const comm::Collective& op, double timeout_s, uintptr_t stream) {
+  absl::Status status;
+  {
+    py::gil_scoped_release release;
+    auto work = c.Issue(absl::MakeConstSpan(&op, 1), Opts(timeout_s, stream));
+    status = work.ok() ? (*work)->Wait() : work.status();
+  }
+  ThrowIfError(status);
+}
+
+BufferView View(const at::Tensor& t, const char* what) { return ValueOrThrow(torch_rt::ViewOf(t, what)); }
+
+}  // namespace
+
+void BindComm(py::module_& m) {
+  py::class_<comm::Communicator, std::shared_ptr<comm::Communicator>>(m, "Communicator")
+      .def_property_readonly("rank", &comm::Communicator::rank)
+      .def_property_readonly("size", &comm::Communicator::size)
+      .def_property_readonly("backend_name", &comm::Communicator::backend_name)
+      .def("barrier",
+           [](comm::Communicator& c, double timeout_s) {
+             absl::Status s;
+             {
+               py::gil_scoped_release release;
+               s = c.Barrier(absl::Seconds(timeout_s));
+             }
+             ThrowIfError(s);
+           },
+           py::arg("timeout_s") = 600.0)
+      .def("all_gather_into",
+           [](comm::Communicator& c, const at::Tensor& out, const at::Tensor& in, double timeout_s,
+              uintptr_t stream) {
+             RunAndWait(c, comm::Collective::AllGather(View(in, "all_gather input"), View(out, "all_gather output")),
+                        timeout_s, stream);
+           },
+           py::arg("output"), py::arg("input"), py::arg("timeout_s") = 600.0, py::arg("stream") = 0)
+      .def("reduce_scatter_into",
+           [](comm::Communicator& c, const at::Tensor& out, const at::Tensor& in, const std::string& op,
+              double timeout_s, uintptr_t stream) {
+             RunAndWait(c,
+                        comm::Collective::ReduceScatter(View(in, "reduce_scatter input"),
+                                                        View(out, "reduce_scatter output"), ParseOp(op)),
+                        timeout_s, stream);
+           },
+           py::arg("output"), py::arg("input"), py::arg("op") = "sum", py::arg("timeout_s") = 600.0,
+           py::arg("stream") = 0)
+      .def("all_reduce_",
+           [](comm::Communicator& c, const at::Tensor& t, const std::string& op, double timeout_s, uintptr_t stream) {
+             RunAndWait(c, comm::Collective::AllReduce(View(t, "all_reduce buffer"), ParseOp(op)), timeout_s, stream);
+           },
+           py::arg("tensor"), py::arg("op") = "sum", py::arg("timeout_s") = 600.0, py::arg("stream") = 0)
+      .def("broadcast_",
+           [](comm::Communicator& c, const at::Tensor& t, int root, double timeout_s, uintptr_t stream) {
+             RunAndWait(c, comm::Collective::Broadcast(View(t, "broadcast buffer"), root), timeout_s, stream);
+           },
+           py::arg("tensor"), py::arg("root") = 0, py::arg("timeout_s") = 600.0, py::arg("stream") = 0);
+
+  m.def("pg_communicator",
+        [](const c10::intrusive_ptr<c10d::ProcessGroup>& group) -> std::shared_ptr<comm::Communicator> {
+          return std::make_shared<comm::PgCommunicator>(group);
+        },
+        py::arg("group"), "A tessera Communicator over a torch.distributed ProcessGroup (gloo for CPU ranks).");
+
+  m.def("cuda_built", []() {
+#ifdef TESSERA_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+
+#ifdef TESSERA_WITH_CUDA
+  m.def("nccl_unique_id", []() { return py::bytes(ValueOrThrow(comm::NcclCommunicator::NewUniqueId())); });
+  m.def("nccl_communicator",
+        [](int rank, int size, const py::bytes& unique_id, int device) -> std::shared_ptr<comm::Communicator> {
+          std::string id = unique_id;
+          std::unique_ptr<comm::NcclCommunicator> c;
+          absl::Status status;
+          {
+            py::gil_scoped_release release;
+            auto made = comm::NcclCommunicator::Create(rank, size, id, device);
+            status = made.status();
+            if (made.ok()) c = std::move(made).value();
+          }
+          ThrowIfError(status);
+          return std::shared_ptr<comm::Communicator>(std::move(c));
+        },
+        py::arg("rank"), py::arg("size"), py::arg("unique_id"), py::arg("device"));
+#endif
+}
+
+}  // namespace tessera::python

@@ -1,0 +1,45 @@
+"""tessera: a distributed training runtime for PyTorch with a C++/CUDA core.
+
+    import tessera
+    for block in model.layers:
+        tessera.shard(block)
+    tessera.shard(model)
+    opt = tessera.optim.AdamW(model.parameters(), lr=3e-4)
+"""
+
+import torch  # noqa: F401  (loads libtorch before the C++ core that links it)
+
+from tessera import _C  # noqa: F401  (the C++ core; fails early if the build is missing)
+from tessera import optim
+from tessera.errors import (
+    CheckpointError,
+    CommError,
+    CommTimeoutError,
+    InvalidArgumentError,
+    NotSupportedError,
+    StateError,
+    TesseraError,
+)
+from tessera.shard.api import MixedPrecision, ShardingStrategy, set_requires_gradient_sync, shard
+from tessera.shard.clip import clip_grad_norm_
+from tessera.shard.state_dict import full_state_dict, load_full_state_dict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CommError",
+    "CommTimeoutError",
+    "InvalidArgumentError",
+    "MixedPrecision",
+    "NotSupportedError",
+    "ShardingStrategy",
+    "StateError",
+    "TesseraError",
+    "clip_grad_norm_",
+    "full_state_dict",
+    "load_full_state_dict",
+    "optim",
+    "set_requires_gradient_sync",
+    "shard",
+]

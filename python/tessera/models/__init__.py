@@ -1,0 +1,1 @@
+"""Model definitions. Model code never mentions sharding; each model's parallelize.py applies it."""

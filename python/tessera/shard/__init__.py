@@ -1,0 +1,1 @@
+"""Sharding: tessera.shard(), strategies, mixed precision, state dicts and clipping."""

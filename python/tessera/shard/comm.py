@@ -1,0 +1,76 @@
+"""Resolves a torch.distributed group and a device to a tessera Communicator.
+
+CPU parameters use the group itself through the c10d adapter (gloo gives CPU ranks). CUDA parameters use tessera's
+own NCCL communicator, bootstrapped by sharing an ncclUniqueId through the default c10d Store.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.distributed as dist
+
+from tessera import _C
+from tessera.errors import InvalidArgumentError, NotSupportedError
+
+_cache: dict[tuple[int, str], _C.Communicator] = {}
+_nccl_counter = itertools.count()
+
+
+def resolve_group(group):
+    """The ProcessGroup `group` means (None = the default group), checked to contain this rank."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise InvalidArgumentError(
+            "tessera.shard needs torch.distributed: call torch.distributed.init_process_group() first "
+            "(torchrun sets it up), or pass group="
+        )
+    if group is None:
+        group = dist.group.WORLD
+    if group is dist.GroupMember.NON_GROUP_MEMBER or not isinstance(group, dist.ProcessGroup):
+        raise InvalidArgumentError(
+            f"group {group!r} does not contain rank {dist.get_rank()}: pass a ProcessGroup this rank belongs to"
+        )
+    if dist.get_rank(group) < 0:
+        raise InvalidArgumentError(f"group {group!r} does not contain global rank {dist.get_rank()}")
+    return group
+
+
+def communicator(group, device: torch.device) -> _C.Communicator:
+    key = (id(group), str(device))
+    comm = _cache.get(key)
+    if comm is not None:
+        return comm
+    if device.type == "cpu":
+        try:
+            group._get_backend(torch.device("cpu"))
+        except RuntimeError as e:
+            raise InvalidArgumentError(
+                f"parameters are on cpu but group {group.group_name!r} has no CPU backend ({e}); "
+                "create the group with backend='gloo' or 'cpu:gloo,cuda:nccl'"
+            ) from None
+        comm = _C.pg_communicator(group)
+    elif device.type == "cuda":
+        comm = _nccl_communicator(group, device)
+    else:
+        raise NotSupportedError(f"parameters on {device} are not supported; expected cpu or cuda")
+    _cache[key] = comm
+    return comm
+
+
+def _nccl_communicator(group, device: torch.device) -> _C.Communicator:
+    if not _C.cuda_built():
+        raise NotSupportedError("parameters are on CUDA but this build of tessera has no CUDA support")
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    if size == 1:
+        uid = _C.nccl_unique_id()
+    else:
+        # Every rank of the group computes the same key: the group's name and a per-process creation counter.
+        key = f"tessera/nccl_uid/{group.group_name}/{next(_nccl_counter)}"
+        store = dist.distributed_c10d._get_default_store()
+        if rank == 0:
+            uid = _C.nccl_unique_id()
+            store.set(key, uid)
+        else:
+            uid = store.get(key)
+    return _C.nccl_communicator(rank, size, uid, device.index if device.index is not None else 0)

@@ -1,0 +1,39 @@
+"""Shared fixtures: real multi-process CPU ranks over gloo, and a one-rank group inside the test process."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def _entry(rank: int, world: int, init_file: str, fn, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, fn, *args) -> None:
+    """Runs fn(rank, world, *args) in `world` fresh processes joined by a gloo group; re-raises a rank's error.
+    fn must be a module-level function (the processes are spawned)."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_entry, args=(world, os.path.join(d, "init"), fn, args), nprocs=world, join=True)
+
+
+@pytest.fixture(scope="session")
+def single_rank_group():
+    """torch.distributed initialised in this process as a one-rank gloo group."""
+    if not dist.is_initialized():
+        d = tempfile.mkdtemp()
+        dist.init_process_group("gloo", init_method=f"file://{d}/init", rank=0, world_size=1)
+    yield dist.group.WORLD

@@ -1,0 +1,75 @@
+"""Runs the same training in tessera ranks and in one process, so tests compare them step by step."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import tessera
+from models import loss_fn, make_batches, make_model
+
+GLOBAL_BATCH = 6  # divisible by 2 and 3 ranks
+
+
+def shard_model(model, strategy, mp=None):
+    for blk in model.blocks:
+        tessera.shard(blk, strategy=strategy, mixed_precision=mp)
+    tessera.shard(model, strategy=strategy, mixed_precision=mp)
+    return model
+
+
+def train_tessera(rank, world, *, strategy, steps=4, lr=1e-2, clip=None, optimizer="tessera", accum=1, mp=None):
+    """Returns (per-step global losses, per-step grad norms, full_state_dict) from `world` gloo ranks."""
+    model = shard_model(make_model(), strategy, mp)
+    params = list(model.parameters())
+    if optimizer == "tessera":
+        opt = tessera.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    else:
+        opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=0.1, foreach=False)
+    per = GLOBAL_BATCH // world
+    losses, norms = [], []
+    for x, y in make_batches(steps, GLOBAL_BATCH * accum):
+        total = torch.zeros(())
+        for k in range(accum):
+            lo = k * GLOBAL_BATCH + rank * per
+            tessera.set_requires_gradient_sync(model, k == accum - 1)
+            loss = loss_fn(model, x[lo : lo + per], y[lo : lo + per]) / accum
+            loss.backward()
+            total += loss.detach().float()
+        if clip is not None:
+            norms.append(tessera.clip_grad_norm_(model, clip).item())
+        opt.step()
+        opt.zero_grad()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses, norms, tessera.full_state_dict(model)
+
+
+def train_reference(*, steps=4, lr=1e-2, clip=None, accum=1, param_dtype=None):
+    """The same training in one process on the whole batch with torch.optim.AdamW (fp32 master weights; with
+    param_dtype, forward and backward run on a copy cast to that dtype, as tessera's mixed precision does)."""
+    model = make_model()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.1, foreach=False)
+    compute = make_model().to(param_dtype) if param_dtype else model
+    losses, norms = [], []
+    for x, y in make_batches(steps, GLOBAL_BATCH * accum):
+        if param_dtype:
+            compute.load_state_dict({k: v.to(param_dtype) for k, v in model.state_dict().items()})
+        total = 0.0
+        for k in range(accum):
+            lo = k * GLOBAL_BATCH
+            loss = loss_fn(compute, x[lo : lo + GLOBAL_BATCH], y[lo : lo + GLOBAL_BATCH]) / accum
+            loss.backward()
+            total += loss.item()
+        if param_dtype:
+            for p, c in zip(model.parameters(), compute.parameters()):
+                if p.requires_grad:
+                    p.grad = c.grad.float()
+                    c.grad = None
+        if clip is not None:
+            norms.append(torch.nn.utils.clip_grad_norm_(trainable, clip).item())
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses, norms, model.state_dict()
