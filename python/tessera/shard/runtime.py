@@ -194,7 +194,7 @@ class UnitRuntime:
         self._use(sharded=True)
         state = self.root_state
         grad = torch.is_grad_enabled()
-        if not grad or self.reshard_after_forward:
+        if not grad or (self.reshard_after_forward and not self._is_last_in_forward()):
             self.reshard()
         if grad:
             tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -203,6 +203,14 @@ class UnitRuntime:
         if state is not None and state.root is self:
             state.order_recorded = True
         return output
+
+    def _is_last_in_forward(self) -> bool:
+        """[Note: last unit keeps its parameters] The last unit to run forward is the first to run backward: freeing
+        its parameters would only make pre-backward gather them again at once (torchtitan sets
+        reshard_after_forward=False on the last block by hand for the same reason). Applies unless the user chose."""
+        state = self.root_state
+        return (self._explicit_reshard is None and state is not None and state.order_recorded
+                and state.forward_order[-1] is self)
 
     def _neighbour(self, step: int) -> "UnitRuntime | None":
         order = self.root_state.forward_order
