@@ -30,3 +30,8 @@ class Knobs:
 
 def load() -> Knobs:
     return Knobs(collective_timeout_s=_float_env("TESSERA_COLLECTIVE_TIMEOUT_S", 600.0))
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one rank of a job started by torchrun (or another launcher setting RANK)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -1,0 +1,45 @@
+"""The `tessera` command line.
+
+    tessera run [RECIPE.yaml] [key=value ...]   train (no recipe: the embedded demo on 2 CPU ranks)
+    tessera config [RECIPE.yaml] [key=value ...] print the resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from tessera.errors import TesseraError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tessera", description="tessera: sharded training for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "train from a recipe (default: the embedded demo)"),
+                            ("config", "print the resolved config of a recipe")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("args", nargs="*", help="[RECIPE.yaml] followed by key=value overrides")
+    ns = parser.parse_args(argv)
+    recipe = ns.args[0] if ns.args and "=" not in ns.args[0] else None
+    overrides = ns.args[1:] if recipe else ns.args
+    from tessera.recipes.config import load_config
+
+    try:
+        cfg = load_config(recipe, overrides)
+        if ns.command == "config":
+            for f in dataclasses.fields(cfg):
+                v = getattr(cfg, f.name)
+                print(f"{f.name}: {getattr(v, 'value', v)}")
+            return 0
+        from tessera.recipes.train import run
+
+        run(cfg)
+    except TesseraError as e:
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training jobs run by `tessera run`: a typed config (config.py) and the training loop (train.py)."""

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything tessera needs on a fresh Debian 12 machine and builds it:
+#   apt packages (compiler, CMake, Ninja, Abseil, xxHash, GoogleTest, Google Benchmark, Python venv),
+#   a virtual environment .venv with torch==2.11.0, and the tessera extension built against that torch.
+# Idempotent: a second run only rebuilds what changed. Set TESSERA_SKIP_APT=1 to skip the apt step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(build-essential cmake ninja-build git libabsl-dev libxxhash-dev libgtest-dev libbenchmark-dev
+              python3 python3-venv python3-dev)
+if [[ "${TESSERA_SKIP_APT:-0}" != "1" ]]; then
+  missing=()
+  for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if ((${#missing[@]})); then
+    echo "setup: installing apt packages: ${missing[*]}"
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv with $($PY --version)"
+  $PY -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.11.0')" 2>/dev/null; then
+  echo "setup: installing torch==2.11.0 and Python dependencies (about 3 GB on first install)"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q "torch==2.11.0"
+fi
+.venv/bin/pip install -q numpy pyyaml pytest "scikit-build-core>=0.10"
+
+echo "setup: building tessera (C++ core + Python extension) against the installed torch"
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
+# torch's CMake config adds NVCC flags for every architecture it knows unless told; we build sm_80 and sm_90.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
+.venv/bin/pip install -q --no-build-isolation --no-deps -e . 
+.venv/bin/python -c "import tessera; print('setup: tessera', tessera.__version__, 'ready; CUDA kernels built:', tessera._C.cuda_built())"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test: the C++ suite (GoogleTest via ctest) and the Python suite (pytest, real gloo ranks).
+# Installs and builds what it needs first (scripts/setup.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+echo "== C++ tests (ctest)"
+cmake -S . -B build/cpp -G Ninja -DCMAKE_BUILD_TYPE=Release -DTESSERA_BUILD_TESTS=ON -DTESSERA_WITH_TORCH=OFF \
+  -DPython_EXECUTABLE="$PWD/.venv/bin/python" >/dev/null
+cmake --build build/cpp -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
+ctest --test-dir build/cpp --output-on-failure -j 2
+
+echo "== Python tests (pytest)"
+.venv/bin/python -m pytest tests/python -q -p no:cacheprovider "$@"
