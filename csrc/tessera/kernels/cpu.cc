@@ -2,6 +2,7 @@
 // scale-1 paths use memcpy since they are pure data movement.
 #include "tessera/kernels/cpu.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -89,14 +90,13 @@ void ZeroRange(const BufferView& b, int64_t off, int64_t n) {
 template <typename P, typename G>
 void AdamWLoop(P* p, const G* g, P* m, P* v, int64_t n, const AdamWConfig& c) {
   using A = typename Acc<P>::type;
-  const A lr = static_cast<A>(c.lr), b1 = static_cast<A>(c.beta1), b2 = static_cast<A>(c.beta2);
+  const A b1 = static_cast<A>(c.beta1), b2 = static_cast<A>(c.beta2);
   const A eps = static_cast<A>(c.eps);
   const A decay = static_cast<A>(1.0 - c.lr * c.weight_decay);
   const double bc1 = 1.0 - std::pow(c.beta1, static_cast<double>(c.step));
   const double bc2 = 1.0 - std::pow(c.beta2, static_cast<double>(c.step));
   const A step_size = static_cast<A>(c.lr / bc1);
   const A bc2_sqrt = static_cast<A>(std::sqrt(bc2));
-  (void)lr;
   for (int64_t i = 0; i < n; ++i) {
     const A grad = static_cast<A>(LoadD(g, i));
     A param = p[i] * decay;

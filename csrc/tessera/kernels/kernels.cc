@@ -56,7 +56,7 @@ absl::Status CheckPlanBuffers(const char* kernel, absl::Span<const BufferView> p
   return absl::OkStatus();
 }
 
-absl::Status NoCuda(const char* kernel) {
+[[maybe_unused]] absl::Status NoCuda(const char* kernel) {
   return absl::FailedPreconditionError(
       absl::StrFormat("%s: buffers are on CUDA but this build of tessera has no CUDA kernels", kernel));
 }

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2317  # the step functions are called indirectly, through run_step
+# The one command to run on a lent GPU machine (H100/H200; torch 2.11.0+cu130, Python 3.12, CMake 4.4, GCC 13,
+# nvcc 13.0, NCCL; no network, no Abseil/xxHash). Steps, each logged to its own file:
+#   cpp     configure + build the C++ tests with CUDA in build-gpu/, run ctest (includes cuda_kernels_test)
+#   python  build and install the Python package (pip, scikit-build-core, against the installed torch), import it
+#   bench   python benchmarks/gpu_bench.py (skipped with a message while it does not exist)
+# Usage: scripts/gpu_check.sh [cpp] [python] [bench]     (no argument: all three, in that order)
+# Abseil, xxHash and GoogleTest come from .deps/ (made here by scripts/fetch_gpu_deps.sh, carried along).
+# Logs go to $OUT when set (the folder that comes back from the machine), else gpu-check-logs/. Exit status 1 if a
+# step failed.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 2
+LOG_DIR="${OUT:-$ROOT/gpu-check-logs}"
+mkdir -p "$LOG_DIR"
+JOBS="${JOBS:-16}"
+PYTHON="${PYTHON:-python3}"
+STEPS=("$@")
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(cpp python bench)
+
+# ---- environment: every override in this one place ---------------------------------------------------------------
+DEPS="$ROOT/.deps/usr"
+DEPS_LIB="$DEPS/lib/x86_64-linux-gnu"
+if [[ -d "$DEPS" ]]; then
+  export CMAKE_PREFIX_PATH="$DEPS:$DEPS_LIB/cmake${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+  # find_library/find_path do not look in lib/x86_64-linux-gnu unless CMake detected a Debian multiarch compiler.
+  export CMAKE_LIBRARY_PATH="$DEPS_LIB${CMAKE_LIBRARY_PATH:+:$CMAKE_LIBRARY_PATH}"
+  export CMAKE_INCLUDE_PATH="$DEPS/include${CMAKE_INCLUDE_PATH:+:$CMAKE_INCLUDE_PATH}"
+  export LD_LIBRARY_PATH="$DEPS_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"  # Abseil and xxHash are shared libraries
+else
+  echo "warning: $DEPS is missing (run scripts/fetch_gpu_deps.sh and carry .deps); using whatever is installed"
+fi
+if [[ -z "${CUDACXX:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDACXX=/usr/local/cuda/bin/nvcc; fi
+export CMAKE_BUILD_PARALLEL_LEVEL="$JOBS"
+# find_package(Torch) adds -gencode flags for every architecture it autodetects (or a list starting at sm_50, which
+# nvcc 13 rejects, where detection fails) to the directory's CUDA flags; pin them to what CMakeLists.txt builds.
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+
+# ---- step runner ---------------------------------------------------------------------------------------------------
+SUMMARY=()
+FAILED=0
+# run_step NAME COMMAND...: runs COMMAND with its output in $LOG_DIR/NAME.log; on failure prints the log's tail.
+run_step() {
+  local name="$1"; shift
+  local log="$LOG_DIR/$name.log" start=$SECONDS rc
+  echo "== $name (log: $log)"
+  "$@" >"$log" 2>&1
+  rc=$?
+  local took=$((SECONDS - start))
+  if [[ $rc -eq 0 ]]; then
+    SUMMARY+=("$(printf '%-16s ok       %4ds' "$name" "$took")")
+  else
+    FAILED=1
+    SUMMARY+=("$(printf '%-16s FAILED   %4ds  (exit %d, see %s.log)' "$name" "$took" "$rc" "$name")")
+    echo "-- last lines of $log:"
+    tail -n 40 "$log"
+  fi
+  return $rc
+}
+skip_step() {
+  SUMMARY+=("$(printf '%-16s skipped        %s' "$1" "$2")")
+  echo "== $1 skipped: $2"
+}
+
+environment() (  # a subshell, so set -x stays inside
+  set -x
+  nvidia-smi || true
+  "${CUDACXX:-nvcc}" --version || true
+  cmake --version
+  g++ --version | head -1
+  "$PYTHON" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'available', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" || true
+  find "$DEPS_LIB" -maxdepth 1 -name "libabsl_status*" 2>/dev/null || true
+)
+
+cpp_configure() {
+  cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DTESSERA_BUILD_TESTS=ON -DTESSERA_WITH_TORCH=OFF \
+    -DTESSERA_WITH_CUDA=ON
+}
+cpp_build() { cmake --build build-gpu -j "$JOBS"; }
+cpp_test() {
+  # Tests share the one GPU; a few at a time keeps the run short without starving the multi-threaded CPU tests.
+  ctest --test-dir build-gpu --output-on-failure -j 4 --timeout 300 --output-junit "$LOG_DIR/ctest-junit.xml"
+  local rc=$?
+  cp build-gpu/Testing/Temporary/LastTest.log "$LOG_DIR/ctest-LastTest.log" 2>/dev/null || true
+  return "$rc"
+}
+
+python_install() {
+  # No network: no build isolation and no dependencies; torch, scikit-build-core and pybind11 are already there.
+  # pyproject.toml's build-dir (build/<wheel tag>) keeps the CMake tree, so a rerun on a warm machine is incremental.
+  PIP_BREAK_SYSTEM_PACKAGES=1 "$PYTHON" -m pip install --no-build-isolation --no-deps -v \
+    --config-settings=cmake.define.TESSERA_WITH_CUDA=ON .
+}
+python_import() {
+  # From outside the tree, so the installed package is what gets imported.
+  (cd /tmp && "$PYTHON" -c "import torch, tessera, tessera._C as C; print('tessera from', tessera.__file__); \
+f = getattr(C, 'cuda_built', None); print('CUDA kernels built:', f() if callable(f) else f)")
+}
+
+bench() { "$PYTHON" benchmarks/gpu_bench.py; }
+
+# ---- run -----------------------------------------------------------------------------------------------------------
+run_step environment environment
+for step in "${STEPS[@]}"; do
+  case "$step" in
+    cpp)
+      if run_step cpp-configure cpp_configure && run_step cpp-build cpp_build; then
+        run_step cpp-test cpp_test
+      else
+        skip_step cpp-test "the build failed"
+      fi
+      ;;
+    python)
+      if [[ ! -f pyproject.toml ]]; then
+        skip_step python "no pyproject.toml in the tree"
+      elif run_step python-install python_install; then
+        run_step python-import python_import
+      else
+        skip_step python-import "the install failed"
+      fi
+      ;;
+    bench)
+      if [[ -f benchmarks/gpu_bench.py ]]; then
+        run_step bench bench
+      else
+        skip_step bench "benchmarks/gpu_bench.py does not exist yet"
+      fi
+      ;;
+    *)
+      echo "unknown step '$step' (expected cpp, python or bench)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+{
+  echo "gpu_check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
+  printf '%s\n' "${SUMMARY[@]}"
+  if [[ -f "$LOG_DIR/cpp-test.log" ]]; then grep -E "tests passed|tests failed" "$LOG_DIR/cpp-test.log" || true; fi
+} | tee "$LOG_DIR/summary.txt"
+exit $FAILED
