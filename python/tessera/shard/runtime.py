@@ -226,6 +226,8 @@ class UnitRuntime:
         if not state.in_backward:
             state.in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(state.root._end_of_backward)
+        # A unit may run backward more than once per step (its forward ran twice): each pass reduces again.
+        self._post_backward_done = False
         self.unshard()
         prev = self._neighbour(-1)
         if prev is not None:
@@ -238,6 +240,8 @@ class UnitRuntime:
         if self.num_trainable and self.requires_grad_sync:
             grads = [info.full.grad for info in self.params[: self.num_trainable]]
             if any(g is not None for g in grads):
+                if self.unit.reducing:  # an earlier backward pass of this unit in the same step
+                    self._accumulate(self.unit.wait_reduce(self._stream()))
                 self.unit.start_reduce(grads, self._stream())
             for info in self.params[: self.num_trainable]:
                 info.full.grad = None

@@ -18,7 +18,8 @@ def shard_model(model, strategy, mp=None):
     return model
 
 
-def train_tessera(rank, world, *, strategy, steps=4, lr=1e-2, clip=None, optimizer="tessera", accum=1, mp=None):
+def train_tessera(rank, world, *, strategy, steps=4, lr=1e-2, clip=None, optimizer="tessera", accum=1, mp=None,
+                  split_forward=False):
     """Returns (per-step global losses, per-step grad norms, full_state_dict) from `world` gloo ranks."""
     model = shard_model(make_model(), strategy, mp)
     params = list(model.parameters())
@@ -33,13 +34,19 @@ def train_tessera(rank, world, *, strategy, steps=4, lr=1e-2, clip=None, optimiz
         for k in range(accum):
             lo = k * GLOBAL_BATCH + rank * per
             tessera.set_requires_gradient_sync(model, k == accum - 1)
-            loss = loss_fn(model, x[lo : lo + per], y[lo : lo + per]) / accum
+            xs, ys = x[lo : lo + per], y[lo : lo + per]
+            if split_forward:  # two forwards (halves of the batch) and one backward through both
+                h = per // 2
+                loss = (h * loss_fn(model, xs[:h], ys[:h]) + (per - h) * loss_fn(model, xs[h:], ys[h:])) / per / accum
+            else:
+                loss = loss_fn(model, xs, ys) / accum
             loss.backward()
             total += loss.detach().float()
         if clip is not None:
             norms.append(tessera.clip_grad_norm_(model, clip).item())
         opt.step()
-        opt.zero_grad()
+        # module.zero_grad() works as usual (the torch-optimizer run uses it instead of the optimizer's).
+        model.zero_grad() if optimizer == "torch" else opt.zero_grad()
         dist.all_reduce(total)
         losses.append(total.item() / world)
     return losses, norms, tessera.full_state_dict(model)

@@ -51,6 +51,14 @@ def test_torch_optimizer_on_local_shards(tmp_path):
     _assert_state_close(state, ref_state, atol=2e-5, rtol=1e-4)
 
 
+def test_two_forwards_one_backward(tmp_path):
+    # Each unit runs forward twice and backward twice per step: both passes' gradients are reduced.
+    losses, _, state = _run(tmp_path, 2, strategy=S.FULL_SHARD, split_forward=True, steps=3)
+    ref_losses, _, ref_state = train_reference(steps=3)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    _assert_state_close(state, ref_state, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("strategy", [S.FULL_SHARD, S.NO_SHARD])
 def test_gradient_accumulation_without_sync(tmp_path, strategy):
     # Two micro-batches, the first without gradient reduction: equals one step on both micro-batches.
