@@ -3,6 +3,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include "tessera/comm/pg/pg_communicator.h"
+#include "tessera/kernels/kernels.h"
 #include "tessera/python/status_py.h"
 #include "tessera/torch/tensor_view.h"
 #ifdef TESSERA_WITH_CUDA
@@ -92,13 +93,7 @@ void BindComm(py::module_& m) {
         },
         py::arg("group"), "A tessera Communicator over a torch.distributed ProcessGroup (gloo for CPU ranks).");
 
-  m.def("cuda_built", []() {
-#ifdef TESSERA_WITH_CUDA
-    return true;
-#else
-    return false;
-#endif
-  });
+  m.def("cuda_built", &kernels::CudaKernelsBuilt, "Whether this build has the CUDA kernels and NCCL backend.");
 
 #ifdef TESSERA_WITH_CUDA
   m.def("nccl_unique_id", []() { return py::bytes(ValueOrThrow(comm::NcclCommunicator::NewUniqueId())); });
