@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(build-essential cmake ninja-build git libabsl-dev libxxhash-dev libgtest-dev libbenchmark-dev
+APT_PACKAGES=(build-essential cmake ninja-build git libabsl-dev libxxhash-dev nlohmann-json3-dev libgtest-dev libbenchmark-dev
               python3 python3-venv python3-dev)
 if [[ "${TESSERA_SKIP_APT:-0}" != "1" ]]; then
   missing=()
@@ -29,7 +29,7 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "torch==2.11.0"
 fi
-.venv/bin/pip install -q numpy pyyaml pytest "scikit-build-core>=0.10"
+.venv/bin/pip install -q numpy pyyaml pytest safetensors "scikit-build-core>=0.10"
 
 echo "setup: building tessera (C++ core + Python extension) against the installed torch"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}

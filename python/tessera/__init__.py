@@ -10,7 +10,7 @@
 import torch  # noqa: F401  (loads libtorch before the C++ core that links it)
 
 from tessera import _C  # noqa: F401  (the C++ core; fails early if the build is missing)
-from tessera import optim
+from tessera import checkpoint, optim
 from tessera.errors import (
     CheckpointError,
     CommError,
@@ -36,6 +36,7 @@ __all__ = [
     "ShardingStrategy",
     "StateError",
     "TesseraError",
+    "checkpoint",
     "clip_grad_norm_",
     "full_state_dict",
     "load_full_state_dict",

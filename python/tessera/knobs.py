@@ -26,10 +26,19 @@ def _float_env(name: str, default: float) -> float:
 class Knobs:
     # Seconds a collective may take before it fails with tessera.CommTimeoutError (TESSERA_COLLECTIVE_TIMEOUT_S).
     collective_timeout_s: float = 600.0
+    # Seconds rank 0 waits for every rank's files before a save fails (TESSERA_CHECKPOINT_COMMIT_TIMEOUT_S).
+    checkpoint_commit_timeout_s: float = 600.0
+    # Fault injection for tests only: a named point of the save where the process kills itself with SIGKILL
+    # (TESSERA_CHECKPOINT_CRASH_AT; see csrc/tessera/checkpoint/writer.h). Empty: off.
+    checkpoint_crash_point: str = ""
 
 
 def load() -> Knobs:
-    return Knobs(collective_timeout_s=_float_env("TESSERA_COLLECTIVE_TIMEOUT_S", 600.0))
+    return Knobs(
+        collective_timeout_s=_float_env("TESSERA_COLLECTIVE_TIMEOUT_S", 600.0),
+        checkpoint_commit_timeout_s=_float_env("TESSERA_CHECKPOINT_COMMIT_TIMEOUT_S", 600.0),
+        checkpoint_crash_point=os.environ.get("TESSERA_CHECKPOINT_CRASH_AT", ""),
+    )
 
 
 def launched_by_torchrun() -> bool:

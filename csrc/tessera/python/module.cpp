@@ -21,4 +21,5 @@ PYBIND11_MODULE(_C, m) {
   tessera::python::BindComm(m);
   tessera::python::BindShard(m);
   tessera::python::BindKernels(m);
+  tessera::python::BindCheckpoint(m);
 }

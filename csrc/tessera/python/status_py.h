@@ -22,5 +22,6 @@ T ValueOrThrow(absl::StatusOr<T> s) {
 void BindComm(pybind11::module_& m);
 void BindShard(pybind11::module_& m);
 void BindKernels(pybind11::module_& m);
+void BindCheckpoint(pybind11::module_& m);
 
 }  // namespace tessera::python

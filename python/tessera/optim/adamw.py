@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from tessera import _C
+from tessera.checkpoint import fences
 from tessera.errors import InvalidArgumentError
 from tessera.shard.runtime import managed_by
 
@@ -81,6 +82,7 @@ class AdamW(torch.optim.Optimizer):
                 if fusable:
                     run = [unit, index, index, step]
                 else:
+                    fences.wait_all()  # see [Note: checkpoint consistency]
                     _C.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *hyper, step,
                                   _stream(p))
             if run is not None:
@@ -89,6 +91,7 @@ class AdamW(torch.optim.Optimizer):
 
     def _step_run(self, run, hyper) -> None:
         unit, first, last, step = run
+        fences.wait_for_unit(unit)  # only this unit's pieces must be staged: see [Note: checkpoint consistency]
         u = unit.unit
         start = u.shard_offset(first)
         end = u.shard_offset(last + 1) if last + 1 < u.num_trainable else u.trainable_shard_numel

@@ -45,6 +45,9 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Loads an unsharded state dict (e.g. from full_state_dict or the unsharded model) into the shards.
     Every key must match; shapes must match the unsharded parameters."""
+    from tessera.checkpoint import fences
+
+    fences.wait_all()  # never overwrite shards a save is still staging
     keys = _keys_by_location(module)
     expected = set(module.state_dict().keys())
     given = set(state_dict.keys())

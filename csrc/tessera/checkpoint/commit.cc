@@ -1,0 +1,189 @@
+// The commit protocol. Every step is durable before the next one starts, so a crash at any point leaves either the
+// previous committed state or the new one, never a half-visible checkpoint (see docs/checkpoint_format.md for what
+// each crash point leaves behind).
+#include "tessera/checkpoint/commit.h"
+
+#include <signal.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "tessera/core/status.h"
+
+namespace tessera::checkpoint::internal {
+namespace {
+
+constexpr absl::Duration kPollInterval = absl::Milliseconds(10);
+
+std::string Join(const std::string& dir, const std::string& name) { return absl::StrCat(dir, "/", name); }
+
+// The (name, start, count, xxh3) of every piece a given file holds, sorted: what identifies one save's data.
+using PieceKey = std::tuple<std::string, int64_t, int64_t, uint64_t>;
+std::vector<PieceKey> PiecesOfFile(const std::vector<TensorEntry>& tensors, int32_t file) {
+  std::vector<PieceKey> out;
+  for (const TensorEntry& t : tensors) {
+    for (const PieceEntry& p : t.pieces) {
+      if (p.file == file) out.emplace_back(t.name, p.start, p.count, p.xxh3);
+    }
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+}  // namespace
+
+void MaybeCrash(const std::string& configured, const char* point) {
+  if (!configured.empty() && configured == point) ::raise(SIGKILL);
+}
+
+int64_t ParseStepDirName(const std::string& name) {
+  constexpr std::string_view kPrefix = "step-";
+  if (name.size() <= kPrefix.size() || name.size() > kPrefix.size() + 18 || name.compare(0, 5, kPrefix) != 0) {
+    return -1;
+  }
+  int64_t step = 0;
+  for (size_t i = kPrefix.size(); i < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9') return -1;
+    step = step * 10 + (name[i] - '0');
+  }
+  return step;
+}
+
+absl::Status CommitAsRankZero(Storage& storage, int64_t step, int32_t world_size, absl::Duration timeout,
+                              int keep_last, const std::string& crash_point) {
+  const std::string tmp = TmpStepDirName(step);
+  const std::string final_dir = StepDirName(step);
+
+  // 1. Every rank's index present (each one is written atomically after its data file is durable).
+  std::vector<int32_t> missing;
+  for (int32_t r = 0; r < world_size; ++r) missing.push_back(r);
+  const absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    std::vector<int32_t> still;
+    for (int32_t r : missing) {
+      TESSERA_ASSIGN_OR_RETURN(bool exists, storage.Exists(Join(tmp, RankIndexName(r))));
+      if (!exists) still.push_back(r);
+    }
+    missing.swap(still);
+    if (missing.empty()) break;
+    if (absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(absl::StrFormat(
+          "step %d: commit timed out after %s waiting for the index of rank(s) [%s] of %d in %s (did a rank fail or "
+          "not call save?)",
+          step, absl::FormatDuration(timeout), absl::StrJoin(missing, ", "), world_size, storage.Describe(tmp)));
+    }
+    absl::SleepFor(kPollInterval);
+  }
+
+  // 2. Read and check every index against its data file, merge into the manifest.
+  std::vector<RankIndex> indexes;
+  for (int32_t r = 0; r < world_size; ++r) {
+    const std::string path = Join(tmp, RankIndexName(r));
+    TESSERA_ASSIGN_OR_RETURN(std::string text, storage.ReadAll(path));
+    TESSERA_ASSIGN_OR_RETURN(RankIndex idx, ParseRankIndex(text, storage.Describe(path)));
+    if (idx.step != step || idx.world_size != world_size || idx.rank != r) {
+      return absl::DataLossError(absl::StrFormat(
+          "%s: index says step %d rank %d of %d, expected step %d rank %d of %d (leftover of another save?)",
+          storage.Describe(path), idx.step, idx.rank, idx.world_size, step, r, world_size));
+    }
+    const std::string data = Join(tmp, idx.file.name);
+    TESSERA_ASSIGN_OR_RETURN(int64_t size, storage.Size(data));
+    if (size != idx.file.bytes) {
+      return absl::DataLossError(absl::StrFormat("%s is %d bytes, rank %d's index says %d", storage.Describe(data),
+                                                 size, r, idx.file.bytes));
+    }
+    indexes.push_back(std::move(idx));
+  }
+  TESSERA_ASSIGN_OR_RETURN(Manifest manifest, MergeRankIndexes(indexes));
+  MaybeCrash(crash_point, "before_manifest");
+
+  // 3. Manifest into the tmp directory, then the directory into place: the rename is the commit.
+  TESSERA_RETURN_IF_ERROR(storage.WriteAtomically(Join(tmp, "manifest.json"), SerializeManifest(manifest)));
+  TESSERA_RETURN_IF_ERROR(storage.SyncDir(tmp));
+  MaybeCrash(crash_point, "after_manifest");
+  TESSERA_ASSIGN_OR_RETURN(bool exists, storage.Exists(final_dir));
+  std::string replaced;
+  if (exists) {
+    // Re-saving a step that is already committed (training resumed from an older checkpoint): move the old one
+    // aside (a .tmp- name, so CleanStale removes it if we crash) and replace it.
+    replaced = absl::StrFormat(".tmp-replaced-step-%010d", step);
+    TESSERA_RETURN_IF_ERROR(storage.RemoveAll(replaced));
+    TESSERA_RETURN_IF_ERROR(storage.Rename(final_dir, replaced));
+  }
+  TESSERA_RETURN_IF_ERROR(storage.Rename(tmp, final_dir));  // syncs the root directory
+  MaybeCrash(crash_point, "after_rename");
+
+  // 4. Housekeeping after the commit: its failures are reported, but the checkpoint is committed and loadable.
+  absl::Status after = storage.WriteAtomically("latest", absl::StrCat(step, "\n"));
+  if (after.ok() && !replaced.empty()) after = storage.RemoveAll(replaced);
+  if (after.ok()) after = ApplyRetention(storage, keep_last, step);
+  if (!after.ok()) {
+    return WithContext(after, absl::StrFormat("step %d is committed in %s, but updating latest/retention failed", step,
+                                              storage.Describe(final_dir)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WaitForCommit(Storage& storage, const RankIndex& mine, absl::Duration timeout) {
+  const std::string manifest_path = Join(StepDirName(mine.step), "manifest.json");
+  const std::vector<PieceKey> my_pieces = PiecesOfFile(mine.tensors, 0);
+  const absl::Time deadline = absl::Now() + timeout;
+  std::string last_problem = "not there yet";
+  for (;;) {
+    TESSERA_ASSIGN_OR_RETURN(bool exists, storage.Exists(manifest_path));
+    if (exists) {
+      // The directory may be an older checkpoint of the same step that rank 0 is about to replace: only a manifest
+      // holding exactly the pieces this rank wrote is this save's.
+      absl::StatusOr<std::string> text = storage.ReadAll(manifest_path);
+      absl::StatusOr<Manifest> m =
+          text.ok() ? ParseManifest(*text, storage.Describe(manifest_path)) : absl::StatusOr<Manifest>(text.status());
+      if (m.ok()) {
+        for (size_t f = 0; f < m->files.size(); ++f) {
+          if (m->files[f].rank != mine.rank || m->files[f].name != mine.file.name) continue;
+          if (m->files[f].bytes == mine.file.bytes &&
+              PiecesOfFile(m->tensors, static_cast<int32_t>(f)) == my_pieces) {
+            return absl::OkStatus();
+          }
+        }
+        last_problem = "it exists but does not hold this save's pieces (an older checkpoint of the same step)";
+      } else if (!absl::IsNotFound(m.status())) {
+        last_problem = std::string(m.status().message());
+      }
+    }
+    if (absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(absl::StrFormat(
+          "rank %d: step %d was not committed within %s: %s: %s (did rank 0 fail?)", mine.rank, mine.step,
+          absl::FormatDuration(timeout), storage.Describe(manifest_path), last_problem));
+    }
+    absl::SleepFor(kPollInterval);
+  }
+}
+
+absl::Status ApplyRetention(Storage& storage, int keep_last, int64_t keep_step) {
+  if (keep_last <= 0) return absl::OkStatus();
+  TESSERA_ASSIGN_OR_RETURN(std::vector<std::string> names, storage.List(""));
+  std::vector<std::pair<int64_t, std::string>> steps;
+  for (const std::string& name : names) {
+    const int64_t s = ParseStepDirName(name);
+    if (s < 0) continue;
+    TESSERA_ASSIGN_OR_RETURN(bool committed, storage.Exists(Join(name, "manifest.json")));
+    if (committed) steps.emplace_back(s, name);
+  }
+  std::sort(steps.rbegin(), steps.rend());
+  for (size_t i = static_cast<size_t>(keep_last); i < steps.size(); ++i) {
+    if (steps[i].first == keep_step) continue;
+    // Rename first so a crash mid-removal never leaves a step directory that looks committed but lacks files.
+    const std::string doomed = absl::StrCat(".tmp-deleting-", steps[i].second);
+    TESSERA_RETURN_IF_ERROR(storage.RemoveAll(doomed));
+    TESSERA_RETURN_IF_ERROR(storage.Rename(steps[i].second, doomed));
+    TESSERA_RETURN_IF_ERROR(storage.RemoveAll(doomed));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace tessera::checkpoint::internal

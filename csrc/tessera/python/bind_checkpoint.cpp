@@ -1,0 +1,143 @@
+// Python bindings for the checkpoint engine (tessera.checkpoint's Checkpointer drives them).
+#include <optional>
+
+#include "tessera/checkpoint/reader.h"
+#include "tessera/checkpoint/writer.h"
+#include "tessera/python/status_py.h"
+#include "tessera/torch/tensor_view.h"
+
+namespace py = pybind11;
+
+namespace tessera::python {
+namespace {
+
+using checkpoint::CheckpointReader;
+using checkpoint::CheckpointWriter;
+using checkpoint::SaveHandle;
+
+// A save in flight and the tensors it reads from, kept alive until every piece is staged.
+struct PySaveHandle {
+  std::shared_ptr<SaveHandle> handle;
+  std::vector<at::Tensor> sources;
+
+  void ReleaseSourcesIfStaged() {
+    if (!sources.empty() && handle->WaitAllStaged().ok()) sources.clear();
+  }
+};
+
+template <typename F>
+absl::Status NoGil(F&& f) {
+  py::gil_scoped_release release;
+  return f();
+}
+
+std::shared_ptr<checkpoint::Storage> Local(const std::string& root) {
+  return ValueOrThrow(checkpoint::NewLocalStorage(root));
+}
+
+}  // namespace
+
+void BindCheckpoint(py::module_& m) {
+  py::class_<PySaveHandle, std::shared_ptr<PySaveHandle>>(m, "SaveHandle")
+      .def("wait_staged",
+           [](PySaveHandle& h, int64_t i) { ThrowIfError(NoGil([&] { return h.handle->WaitStaged(i); })); })
+      .def("wait_all_staged",
+           [](PySaveHandle& h) {
+             ThrowIfError(NoGil([&] { return h.handle->WaitAllStaged(); }));
+             h.sources.clear();
+           })
+      .def("wait",
+           [](PySaveHandle& h) {
+             absl::Status s = NoGil([&] { return h.handle->Wait(); });
+             h.sources.clear();  // Wait() returns after staging ended too, successful or not
+             ThrowIfError(s);
+           })
+      .def_property_readonly("done", [](PySaveHandle& h) { return h.handle->done(); });
+
+  py::class_<CheckpointWriter>(m, "CheckpointWriter")
+      .def(py::init([](const std::string& root, int threads, double commit_timeout_s, int keep_last,
+                       const std::string& crash_point) {
+             checkpoint::WriterOptions o;
+             o.threads = threads;
+             o.commit_timeout = absl::Seconds(commit_timeout_s);
+             o.keep_last = keep_last;
+             o.crash_point = crash_point;
+             return ValueOrThrow(CheckpointWriter::Create(Local(root), o));
+           }),
+           py::arg("root"), py::arg("threads") = 4, py::arg("commit_timeout_s") = 600.0, py::arg("keep_last") = 3,
+           py::arg("crash_point") = "")
+      .def("save",
+           [](CheckpointWriter& w, int64_t step, int rank, int world_size,
+              const std::vector<std::tuple<std::string, std::vector<int64_t>, int64_t, at::Tensor>>& pieces,
+              const std::string& rank_json, const std::string& global_json) {
+             checkpoint::SaveRequest req;
+             req.step = step;
+             req.rank = rank;
+             req.world_size = world_size;
+             req.rank_json = rank_json;
+             req.global_json = global_json;
+             auto h = std::make_shared<PySaveHandle>();
+             for (const auto& [name, shape, start, tensor] : pieces) {
+               at::Tensor t = tensor.contiguous();
+               checkpoint::SavePiece p;
+               p.name = name;
+               p.shape = shape;
+               p.start = start;
+               p.data = ValueOrThrow(torch_rt::ViewOf(t, "checkpoint tensor '" + name + "'"));
+               req.pieces.push_back(std::move(p));
+               h->sources.push_back(std::move(t));
+             }
+             absl::StatusOr<std::shared_ptr<SaveHandle>> made;
+             {
+               py::gil_scoped_release release;
+               made = w.Save(std::move(req));
+             }
+             h->handle = ValueOrThrow(std::move(made));
+             return h;
+           },
+           py::arg("step"), py::arg("rank"), py::arg("world_size"), py::arg("pieces"), py::arg("rank_json"),
+           py::arg("global_json"))
+      .def("clean_stale", [](CheckpointWriter& w) { ThrowIfError(NoGil([&] { return w.CleanStale(); })); });
+
+  py::class_<CheckpointReader>(m, "CheckpointReader")
+      .def(py::init([](const std::string& root, int64_t step) {
+             absl::StatusOr<std::unique_ptr<CheckpointReader>> r;
+             {
+               py::gil_scoped_release release;
+               r = CheckpointReader::Open(Local(root), step);
+             }
+             return ValueOrThrow(std::move(r));
+           }),
+           py::arg("root"), py::arg("step"))
+      .def_property_readonly("step", [](const CheckpointReader& r) { return r.manifest().step; })
+      .def_property_readonly("world_size", [](const CheckpointReader& r) { return r.manifest().world_size; })
+      .def_property_readonly("global_json", [](const CheckpointReader& r) { return r.manifest().global_json; })
+      .def_property_readonly("rank_json", [](const CheckpointReader& r) { return r.manifest().rank_json; })
+      .def_property_readonly("tensors",
+                             [](const CheckpointReader& r) {
+                               // name -> (dtype name, shape)
+                               py::dict out;
+                               for (const auto& t : r.manifest().tensors) {
+                                 out[py::str(t.name)] = py::make_tuple(std::string(DTypeName(t.dtype)), t.shape);
+                               }
+                               return out;
+                             })
+      .def("read",
+           [](CheckpointReader& r, const std::string& name, int64_t start, const at::Tensor& dst) {
+             BufferView v = ValueOrThrow(torch_rt::ViewOf(dst, "read destination for '" + name + "'"));
+             ThrowIfError(NoGil([&] { return r.Read(name, start, v); }));
+           },
+           py::arg("name"), py::arg("start"), py::arg("dst"))
+      .def("verify_all", [](CheckpointReader& r) { ThrowIfError(NoGil([&] { return r.VerifyAll(); })); });
+
+  m.def("list_committed_steps", [](const std::string& root) {
+    auto storage = Local(root);
+    return ValueOrThrow(checkpoint::ListCommittedSteps(*storage));
+  });
+  m.def("read_latest", [](const std::string& root) -> std::optional<int64_t> {
+    auto storage = Local(root);
+    return ValueOrThrow(checkpoint::ReadLatest(*storage));
+  });
+}
+
+}  // namespace tessera::python

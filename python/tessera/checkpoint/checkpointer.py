@@ -1,0 +1,283 @@
+"""tessera.checkpoint.Checkpointer: asynchronous, verifiable, resharding checkpoints (DESIGN.md section 4).
+
+    ckpt = tessera.checkpoint.Checkpointer("/ckpt", keep_last=3)
+    state = {"model": model, "optim": opt, "sched": scheduler, "rng": tessera.checkpoint.RNGState(),
+             "train": {"step": 0, "data_pos": 0}}
+    start = ckpt.load_latest(state)          # None on a fresh start, else the step it resumed from
+    ...
+    handle = ckpt.save(step, state)          # returns at once; training continues (see fences.py)
+    handle.wait()                            # optional: blocks until committed, raises CheckpointError on failure
+
+The C++ engine (csrc/tessera/checkpoint) stages, writes, checksums and commits; this file maps the state to it.
+Format and commit protocol: docs/checkpoint_format.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from tessera import _C, knobs
+from tessera.checkpoint import fences, jsonio
+from tessera.checkpoint.state import Collected, collect_module, collect_optimizer, restore_optimizer_json
+from tessera.errors import CheckpointError, InvalidArgumentError, TesseraError
+
+log = logging.getLogger("tessera.checkpoint")
+
+
+class SaveHandle:
+    """A save in flight. wait() blocks until it is committed and raises CheckpointError if it failed."""
+
+    def __init__(self, step: int, handle, started: float):
+        self.step = step
+        self._handle = handle
+        self._started = started
+        self.seconds_to_durable: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._handle.done
+
+    def wait(self) -> None:
+        try:
+            self._handle.wait()
+        except TesseraError as e:
+            raise CheckpointError(f"checkpoint step {self.step} was not saved: {e}") from None
+        finally:
+            fences.wait_all()
+        if self.seconds_to_durable is None:
+            self.seconds_to_durable = time.perf_counter() - self._started
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Checkpointer:
+    def __init__(self, root: str | os.PathLike, keep_last: int = 3, *, threads: int = 4,
+                 commit_timeout_s: float | None = None):
+        if keep_last < 0:
+            raise InvalidArgumentError(f"Checkpointer: keep_last must be >= 0 (0 keeps all), got {keep_last}")
+        self.root = os.fspath(root)
+        self.rank, self.world = _rank_world()
+        k = knobs.load()
+        timeout = commit_timeout_s if commit_timeout_s is not None else k.checkpoint_commit_timeout_s
+        # A gloo group of our own for agreement between ranks, so it never interleaves with training collectives.
+        self._group = dist.new_group(backend="gloo") if self.world > 1 else None
+        if self.rank == 0:
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"cannot create checkpoint directory {self.root}: {e.strerror}") from None
+        if self._group is not None:
+            dist.barrier(group=self._group)
+        self._writer = _C.CheckpointWriter(self.root, threads=threads, commit_timeout_s=timeout, keep_last=keep_last)
+        # Fault injection (tests): "POINT[@STEP][#RANK]" kills this process at POINT of the save of STEP.
+        self._crash_writer, self._crash_step = None, None
+        if k.checkpoint_crash_point:
+            point, _, rest = k.checkpoint_crash_point.partition("@")
+            step_s, _, rank_s = rest.partition("#")
+            if not rank_s or int(rank_s) == self.rank:
+                self._crash_step = int(step_s) if step_s else None
+                self._crash_writer = _C.CheckpointWriter(self.root, threads=threads, commit_timeout_s=timeout,
+                                                         keep_last=keep_last, crash_point=point)
+        if self.rank == 0:
+            self._writer.clean_stale()
+        self._pending: SaveHandle | None = None
+
+    # ---- saving ----------------------------------------------------------------------------------------------
+
+    def save(self, step: int, state: dict) -> SaveHandle:
+        """Starts saving `state` as checkpoint `step` and returns at once (one save runs at a time: a second
+        save first waits for the first). Plain values are captured now; tensors are staged in the background."""
+        if not isinstance(step, int) or step < 0:
+            raise InvalidArgumentError(f"Checkpointer.save: step must be a non-negative int, got {step!r}")
+        started = time.perf_counter()
+        if self._pending is not None and not self._pending.done:
+            self._pending.wait()
+        collected, global_extra, rank_extra = self._collect(state, load=False)
+        order = _stage_order(collected)
+        pieces = [(s.name, list(s.shape), s.save_start, s.save) for s in order if s.save is not None]
+        unit_last = {}
+        for i, s in enumerate(s for s in order if s.save is not None):
+            if s.unit is not None:
+                unit_last[id(s.unit)] = i
+        writer = self._writer
+        if self._crash_writer is not None and self._crash_step in (None, step):
+            writer = self._crash_writer
+        handle = writer.save(step, self.rank, self.world, pieces, jsonio.dumps(rank_extra),
+                             jsonio.dumps(global_extra))
+        fences.register(handle, unit_last)
+        self._pending = SaveHandle(step, handle, started)
+        return self._pending
+
+    # ---- loading ---------------------------------------------------------------------------------------------
+
+    def load(self, step: int, state: dict) -> None:
+        """Loads checkpoint `step` into `state` (any world size or strategy); raises CheckpointError naming the
+        file and tensor if it is damaged or does not match. Nothing in `state` changes unless it all loads."""
+        fences.wait_all()
+        error = self._try_load(step, state)
+        if error is not None:
+            raise error
+
+    def load_latest(self, state: dict) -> int | None:
+        """Loads the newest checkpoint that every rank can read completely and returns its step; None if there
+        is none. Damaged or partial checkpoints are skipped (with a warning naming the problem)."""
+        fences.wait_all()
+        steps = self._agree_steps()
+        latest = _C.read_latest(self.root) if self.rank == 0 else None
+        if self.rank == 0 and latest is not None and steps and latest != steps[0]:
+            log.warning("tessera checkpoint: %s/latest names step %s but the newest committed step is %s; using "
+                        "the committed steps", self.root, latest, steps[0])
+        for step in steps:
+            error = self._try_load(step, state)
+            if error is None:
+                return step
+            log.warning("tessera checkpoint: skipping step %d: %s", step, error)
+        return None
+
+    def committed_steps(self) -> list[int]:
+        return list(_C.list_committed_steps(self.root))
+
+    # ---- internals -------------------------------------------------------------------------------------------
+
+    def _agree_steps(self) -> list[int]:
+        """Rank 0's list of committed steps, newest first, the same on every rank (plain tensors, no pickle)."""
+        steps = list(_C.list_committed_steps(self.root)) if self.rank == 0 else []
+        if self.world > 1:
+            count = torch.tensor([len(steps)], dtype=torch.int64)
+            dist.broadcast(count, src=0, group=self._group)
+            buf = torch.tensor(steps, dtype=torch.int64) if self.rank == 0 else torch.zeros(int(count.item()),
+                                                                                            dtype=torch.int64)
+            if count.item():
+                dist.broadcast(buf, src=0, group=self._group)
+            steps = buf.tolist()
+        return steps
+
+    def _all_ok(self, ok: bool) -> bool:
+        if self.world == 1:
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group)
+        return bool(flag.item())
+
+    def _try_load(self, step: int, state: dict) -> CheckpointError | None:
+        error = None
+        try:
+            reader = _C.CheckpointReader(self.root, step)
+            staged, finish = self._read_all(reader, state)
+        except TesseraError as e:
+            error = CheckpointError(f"checkpoint step {step} in {self.root}: {e}")
+        if not self._all_ok(error is None):
+            return error or CheckpointError(f"checkpoint step {step} in {self.root} could not be read on another rank")
+        for slot, tensor in staged:
+            slot.apply(tensor)
+        finish()
+        return None
+
+    def _read_all(self, reader, state: dict):
+        """Reads (and verifies) everything this rank needs into fresh CPU tensors; returns them and a function
+        that applies the JSON parts. Nothing in `state` is modified here."""
+        saved = dict(reader.tensors)
+        global_extra = jsonio.loads(reader.global_json, "checkpoint global extras")
+        rank_json = reader.rank_json
+        rank_extra = (jsonio.loads(rank_json[self.rank], "checkpoint rank extras")
+                      if self.rank < len(rank_json) else None)
+        collected, _, _ = self._collect(state, load=True, saved_names=set(saved))
+        expected = {s.name: s for s in collected.slots}
+        dtype_names = {s.name: str(s.dtype).removeprefix("torch.") for s in collected.slots}
+        missing = sorted(n for n in expected if n not in saved)
+        mismatched = sorted(f"{n}: checkpoint {tuple(saved[n][1])} {saved[n][0]}, model {expected[n].shape} "
+                            f"{dtype_names[n]}" for n in expected if n in saved and
+                            (tuple(saved[n][1]) != expected[n].shape or saved[n][0] != dtype_names[n]))
+        keys = {k for k, v in state.items() if isinstance(v, (nn.Module, torch.optim.Optimizer))}
+        unexpected = sorted(n for n in saved if n not in expected and n.split("/", 1)[0] in keys
+                            and not _is_optimizer_name(n, state))
+        if missing or mismatched or unexpected:
+            raise CheckpointError(
+                "checkpoint does not match the state being loaded: "
+                + "; ".join(part for part in (
+                    f"missing from checkpoint: {missing[:20]}" if missing else "",
+                    f"different shape or dtype: {mismatched[:20]}" if mismatched else "",
+                    f"not in the model: {unexpected[:20]}" if unexpected else "") if part))
+        staged = []
+        for slot in collected.slots:
+            buf = torch.empty(slot.load_count, dtype=slot.dtype)
+            if slot.load_count:
+                reader.read(slot.name, slot.load_start, buf)
+            staged.append((slot, buf))
+        for key, value in state.items():
+            if key not in global_extra and not getattr(value, "per_rank", False) and not isinstance(
+                    value, (nn.Module, torch.optim.Optimizer)):
+                raise CheckpointError(f"checkpoint has no entry '{key}' (it has {sorted(global_extra)})")
+
+        def finish():
+            for key, value in state.items():
+                if isinstance(value, nn.Module):
+                    continue
+                if isinstance(value, torch.optim.Optimizer):
+                    restore_optimizer_json(key, value, global_extra[key], collected.places)
+                elif getattr(value, "per_rank", False):
+                    if rank_extra is not None and key in rank_extra:
+                        value.load_state_dict(rank_extra[key])
+                    else:
+                        log.warning("tessera checkpoint: no per-rank '%s' saved for rank %d (saved on %d ranks); "
+                                    "left as is", key, self.rank, len(rank_json))
+                elif isinstance(value, dict):
+                    value.clear()
+                    value.update(global_extra[key])
+                else:
+                    value.load_state_dict(global_extra[key])
+
+        return staged, finish
+
+    def _collect(self, state: dict, load: bool, saved_names: set[str] | None = None):
+        if not isinstance(state, dict) or not state:
+            raise InvalidArgumentError("Checkpointer: state must be a non-empty dict of name -> module, optimizer, "
+                                       "stateful object or dict")
+        collected = Collected()
+        global_extra, rank_extra = {}, {}
+        for key, value in state.items():
+            if not isinstance(key, str) or "/" in key:
+                raise InvalidArgumentError(f"Checkpointer: state key {key!r} must be a str without '/'")
+            if isinstance(value, nn.Module):
+                collect_module(key, value, self.rank, self.world, collected)
+        for key, value in state.items():
+            if isinstance(value, nn.Module):
+                continue
+            if isinstance(value, torch.optim.Optimizer):
+                global_extra[key] = collect_optimizer(key, value, collected.places, collected, load, saved_names)
+            elif load:
+                continue
+            elif getattr(value, "per_rank", False):
+                rank_extra[key] = value.state_dict()
+            elif isinstance(value, dict):
+                global_extra[key] = dict(value)
+            elif hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
+                global_extra[key] = value.state_dict()
+            else:
+                raise InvalidArgumentError(
+                    f"Checkpointer: state['{key}'] is a {type(value).__name__}; expected an nn.Module, an optimizer, "
+                    "a dict, or an object with state_dict()/load_state_dict()")
+        return collected, global_extra, rank_extra
+
+
+def _is_optimizer_name(name: str, state: dict) -> bool:
+    return isinstance(state.get(name.split("/", 1)[0]), torch.optim.Optimizer)
+
+
+def _stage_order(collected: Collected):
+    """Pieces grouped unit by unit (parameters, then their optimizer state) so a unit's fence clears early."""
+    unit_rank = {}
+    for s in collected.slots:
+        if s.unit is not None and id(s.unit) not in unit_rank:
+            unit_rank[id(s.unit)] = len(unit_rank)
+    return sorted(collected.slots, key=lambda s: unit_rank.get(id(s.unit), len(unit_rank)) if s.unit else 1 << 30)

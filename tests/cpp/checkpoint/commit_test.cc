@@ -1,0 +1,187 @@
+// The commit protocol: nothing is visible before every rank is durable, `latest` and retention, a missing rank,
+// and what a kill -9 at each crash point leaves (children killed by the writer's own SIGKILL).
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <chrono>
+
+#include "checkpoint/checkpoint_testing.h"
+#include "tessera/checkpoint/format.h"
+
+namespace tessera::checkpoint {
+namespace {
+
+using testing::Contains;
+using testing::DefaultTensors;
+using testing::Local;
+using testing::PathExists;
+using testing::ReadsBack;
+using testing::RefTensor;
+using testing::SaveAllRanks;
+using testing::TempDir;
+
+TEST(CommitTest, NothingIsCommittedBeforeEveryRankIsDone) {
+  TempDir dir;
+  const std::vector<RefTensor> tensors = DefaultTensors();
+  std::vector<absl::Status> rank0;
+  std::thread t0([&] { rank0 = SaveAllRanks(dir.path(), 5, 2, tensors, {}, {0}); });
+  // Rank 0's own part is durable (its index is its done marker), but rank 1 has not saved yet.
+  const std::string idx0 = dir / ".tmp-step-0000000005/rank-00000.json";
+  for (int i = 0; i < 2000 && !PathExists(idx0); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ASSERT_TRUE(PathExists(idx0));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(PathExists(dir / "step-0000000005"));
+  EXPECT_FALSE(PathExists(dir / "latest"));
+  std::vector<absl::Status> rank1 = SaveAllRanks(dir.path(), 5, 2, tensors, {}, {1});
+  t0.join();
+  ASSERT_TRUE(rank0[0].ok()) << rank0[0];
+  ASSERT_TRUE(rank1[0].ok()) << rank1[0];
+  EXPECT_TRUE(PathExists(dir / "step-0000000005/manifest.json"));
+  EXPECT_FALSE(PathExists(dir / ".tmp-step-0000000005"));
+  auto latest = ReadLatest(*Local(dir.path()));
+  ASSERT_TRUE(latest.ok());
+  EXPECT_EQ(*latest, std::optional<int64_t>(5));
+}
+
+TEST(CommitTest, RetentionKeepsTheNewestKeepLast) {
+  TempDir dir;
+  WriterOptions opts;
+  opts.keep_last = 2;
+  const std::vector<RefTensor> tensors = {testing::MakeTensor("w", DType::kFloat32, {64}, 1)};
+  for (int64_t step : {10, 20, 30, 40}) {
+    for (const absl::Status& s : SaveAllRanks(dir.path(), step, 2, tensors, opts)) ASSERT_TRUE(s.ok()) << s;
+  }
+  auto steps = ListCommittedSteps(*Local(dir.path()));
+  ASSERT_TRUE(steps.ok());
+  EXPECT_EQ(*steps, (std::vector<int64_t>{40, 30}));
+  EXPECT_EQ(testing::ReadFile(dir / "latest"), "40\n");
+  // Re-saving an older step (training resumed from an earlier checkpoint) replaces it and is never pruned itself.
+  for (const absl::Status& s : SaveAllRanks(dir.path(), 30, 2, tensors, opts)) ASSERT_TRUE(s.ok()) << s;
+  for (const absl::Status& s : SaveAllRanks(dir.path(), 5, 1, tensors, opts)) ASSERT_TRUE(s.ok()) << s;
+  steps = ListCommittedSteps(*Local(dir.path()));
+  EXPECT_EQ(*steps, (std::vector<int64_t>{40, 30, 5}));
+  EXPECT_EQ(testing::ReadFile(dir / "latest"), "5\n");
+  auto reader = CheckpointReader::Open(Local(dir.path()), 5);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  EXPECT_EQ((*reader)->manifest().world_size, 1);
+  EXPECT_TRUE(ReadsBack(**reader, tensors[0], 0, 64));
+  auto names = Local(dir.path())->List("");
+  ASSERT_TRUE(names.ok());
+  for (const std::string& name : *names) EXPECT_NE(name.rfind(".tmp-", 0), 0u) << name;
+}
+
+TEST(CommitTest, KeepLastZeroKeepsAll) {
+  TempDir dir;
+  WriterOptions opts;
+  opts.keep_last = 0;
+  const std::vector<RefTensor> tensors = {testing::MakeTensor("w", DType::kFloat32, {4}, 1)};
+  for (int64_t step = 1; step <= 5; ++step) {
+    for (const absl::Status& s : SaveAllRanks(dir.path(), step, 1, tensors, opts)) ASSERT_TRUE(s.ok()) << s;
+  }
+  EXPECT_EQ(ListCommittedSteps(*Local(dir.path()))->size(), 5u);
+}
+
+TEST(CommitTest, MissingRankTimesOutAndCommitsNothing) {
+  TempDir dir;
+  WriterOptions opts;
+  opts.commit_timeout = absl::Milliseconds(300);
+  const std::vector<RefTensor> tensors = DefaultTensors();
+  std::vector<absl::Status> r = SaveAllRanks(dir.path(), 9, 3, tensors, opts, {0, 2});
+  EXPECT_TRUE(absl::IsDeadlineExceeded(r[0])) << r[0];
+  EXPECT_TRUE(Contains(std::string(r[0].message()), "[1]")) << r[0];
+  EXPECT_TRUE(Contains(std::string(r[0].message()), "step 9"));
+  EXPECT_TRUE(absl::IsDeadlineExceeded(r[1])) << r[1];  // rank 2 waited for a commit that never came
+  EXPECT_FALSE(PathExists(dir / "step-0000000009"));
+  EXPECT_FALSE(PathExists(dir / "latest"));
+  EXPECT_TRUE(ListCommittedSteps(*Local(dir.path()))->empty());
+  EXPECT_TRUE(PathExists(dir / ".tmp-step-0000000009"));
+
+  // The writer stays usable, and CleanStale removes the leftovers.
+  auto writer = CheckpointWriter::Create(Local(dir.path()), opts);
+  ASSERT_TRUE(writer.ok());
+  ASSERT_TRUE((*writer)->CleanStale().ok());
+  EXPECT_FALSE(PathExists(dir / ".tmp-step-0000000009"));
+  for (const absl::Status& s : SaveAllRanks(dir.path(), 10, 1, tensors, opts)) ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(*ListCommittedSteps(*Local(dir.path())), std::vector<int64_t>{10});
+}
+
+TEST(CommitTest, CleanStaleRemovesOnlyTmpDirectories) {
+  TempDir dir;
+  const std::vector<RefTensor> tensors = {testing::MakeTensor("w", DType::kFloat32, {4}, 1)};
+  for (const absl::Status& s : SaveAllRanks(dir.path(), 1, 1, tensors)) ASSERT_TRUE(s.ok()) << s;
+  auto storage = Local(dir.path());
+  ASSERT_TRUE(storage->MakeDirs(".tmp-step-0000000002").ok());
+  ASSERT_TRUE(storage->WriteAtomically(".tmp-step-0000000002/rank-00000.bin", "junk").ok());
+  ASSERT_TRUE(storage->MakeDirs(".tmp-deleting-step-0000000000").ok());
+  auto writer = CheckpointWriter::Create(storage, {});
+  ASSERT_TRUE(writer.ok());
+  ASSERT_TRUE((*writer)->CleanStale().ok());
+  EXPECT_EQ(*storage->List(""), (std::vector<std::string>{"latest", "step-0000000001"}));
+  // A root that does not exist yet has nothing stale.
+  auto missing = CheckpointWriter::Create(Local(dir / "nope"), {});
+  EXPECT_TRUE((*missing)->CleanStale().ok());
+  EXPECT_TRUE(ListCommittedSteps(*Local(dir / "nope"))->empty());
+  EXPECT_FALSE(ReadLatest(*Local(dir / "nope"))->has_value());
+}
+
+// Runs a save of `step` (world 1) in a child process that kills itself at `point`; returns after it died.
+void SaveAndCrash(const std::string& root, int64_t step, const std::string& point) {
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    WriterOptions opts;
+    opts.crash_point = point;
+    SaveAllRanks(root, step, 1, DefaultTensors(), opts);
+    ::_exit(0);  // not reached: the crash point must fire
+  }
+  int wstatus = 0;
+  ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGKILL) << point << ": child exited normally";
+}
+
+TEST(CommitTest, KillAtEveryCrashPointLeavesThePreviousOrTheNewCheckpoint) {
+  struct Expect {
+    const char* point;
+    bool index, manifest, committed;
+  };
+  const Expect cases[] = {{"after_data", false, false, false},
+                          {"after_index", true, false, false},
+                          {"before_manifest", true, false, false},
+                          {"after_manifest", true, true, false},
+                          {"after_rename", true, true, true}};
+  const std::vector<RefTensor> tensors = DefaultTensors();
+  for (const Expect& c : cases) {
+    SCOPED_TRACE(c.point);
+    TempDir dir;
+    for (const absl::Status& s : SaveAllRanks(dir.path(), 1, 1, tensors)) ASSERT_TRUE(s.ok()) << s;
+    SaveAndCrash(dir.path(), 2, c.point);
+    const std::string tmp = dir / ".tmp-step-0000000002";
+    EXPECT_EQ(PathExists(dir / "step-0000000002"), c.committed);
+    if (!c.committed) {
+      EXPECT_TRUE(PathExists(tmp + "/rank-00000.bin"));
+      EXPECT_EQ(PathExists(tmp + "/rank-00000.json"), c.index);
+      EXPECT_EQ(PathExists(tmp + "/manifest.json"), c.manifest);
+    }
+    EXPECT_EQ(testing::ReadFile(dir / "latest"), "1\n");  // `latest` is always updated last
+    auto storage = Local(dir.path());
+    const std::vector<int64_t> expect_steps = c.committed ? std::vector<int64_t>{2, 1} : std::vector<int64_t>{1};
+    EXPECT_EQ(*ListCommittedSteps(*storage), expect_steps);
+    for (int64_t step : expect_steps) {  // whatever is committed is complete
+      auto reader = CheckpointReader::Open(storage, step);
+      ASSERT_TRUE(reader.ok()) << reader.status();
+      EXPECT_TRUE((*reader)->VerifyAll().ok());
+    }
+    // Recovery: clean up, save the same step again.
+    auto writer = CheckpointWriter::Create(storage, {});
+    ASSERT_TRUE((*writer)->CleanStale().ok());
+    EXPECT_FALSE(PathExists(tmp));
+    for (const absl::Status& s : SaveAllRanks(dir.path(), 2, 1, tensors)) ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(testing::ReadFile(dir / "latest"), "2\n");
+    auto reader = CheckpointReader::Open(storage, 2);
+    ASSERT_TRUE(reader.ok()) << reader.status();
+    EXPECT_TRUE(ReadsBack(**reader, tensors[0], 0, tensors[0].numel()));
+  }
+}
+
+}  // namespace
+}  // namespace tessera::checkpoint
