@@ -11,5 +11,8 @@ cmake -S . -B build/cpp -G Ninja -DCMAKE_BUILD_TYPE=Release -DTESSERA_BUILD_TEST
 cmake --build build/cpp -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 ctest --test-dir build/cpp --output-on-failure -j 2
 
+echo "== Fuzzing the checkpoint manifest and file-header parsers (libFuzzer, ${TESSERA_FUZZ_SECONDS:-30} s)"
+bash scripts/fuzz.sh "${TESSERA_FUZZ_SECONDS:-30}"
+
 echo "== Python tests (pytest)"
 .venv/bin/python -m pytest tests/python -q -p no:cacheprovider "$@"
