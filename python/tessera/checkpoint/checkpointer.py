@@ -105,6 +105,9 @@ class Checkpointer:
         collected, global_extra, rank_extra = self._collect(state, load=False)
         order = _stage_order(collected)
         pieces = [(s.name, list(s.shape), s.save_start, s.save) for s in order if s.save is not None]
+        if any(t.is_cuda for *_, t in pieces):
+            # The engine copies on its own stream: the values queued on ours (the last optimizer step) must be there.
+            torch.cuda.current_stream().synchronize()
         unit_last = {}
         for i, s in enumerate(s for s in order if s.save is not None):
             if s.unit is not None:
