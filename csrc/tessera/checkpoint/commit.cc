@@ -181,7 +181,16 @@ absl::Status ApplyRetention(Storage& storage, int keep_last, int64_t keep_step) 
     const std::string doomed = absl::StrCat(".tmp-deleting-", steps[i].second);
     TESSERA_RETURN_IF_ERROR(storage.RemoveAll(doomed));
     TESSERA_RETURN_IF_ERROR(storage.Rename(steps[i].second, doomed));
-    TESSERA_RETURN_IF_ERROR(storage.RemoveAll(doomed));
+    // Deleting the files (unlinks of GBs, slow on some file systems) waits for RemoveRetired, after the save is
+    // reported done, so it delays neither the handle nor training.
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RemoveRetired(Storage& storage) {
+  TESSERA_ASSIGN_OR_RETURN(std::vector<std::string> names, storage.List(""));
+  for (const std::string& name : names) {
+    if (name.rfind(".tmp-deleting-", 0) == 0) TESSERA_RETURN_IF_ERROR(storage.RemoveAll(name));
   }
   return absl::OkStatus();
 }

@@ -22,8 +22,10 @@ absl::Status CommitAsRankZero(Storage& storage, int64_t step, int32_t world_size
 // Other ranks: waits until step `step` is committed with this rank's pieces (`mine`, the index it wrote) in it.
 absl::Status WaitForCommit(Storage& storage, const RankIndex& mine, absl::Duration timeout);
 
-// Committed checkpoints beyond the `keep_last` newest are removed; `keep_step` never is. keep_last 0 keeps all.
+// Committed checkpoints beyond the `keep_last` newest are retired (renamed to .tmp-deleting-*, so they are no longer
+// committed); `keep_step` never is. keep_last 0 keeps all. RemoveRetired deletes retired directories' files.
 absl::Status ApplyRetention(Storage& storage, int keep_last, int64_t keep_step);
+absl::Status RemoveRetired(Storage& storage);
 
 // Parses "step-0000000012" (any number of digits); -1 if `name` is not a step directory name.
 int64_t ParseStepDirName(const std::string& name);

@@ -9,6 +9,7 @@
 // when CUDA pieces are staged) so a steady-state save allocates nothing.
 #include "tessera/checkpoint/writer.h"
 
+#include <cstdio>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -218,6 +219,13 @@ class Writer final : public CheckpointWriter {
         active_step_ = -1;
       }
       state->Finish(WithContext(s, absl::StrFormat("checkpoint step %d, rank %d", req.step, req.rank)));
+      if (req.rank == 0) {  // after Finish: deleting old checkpoints' files must not delay the handle
+        absl::Status removed = internal::RemoveRetired(*storage_);
+        if (!removed.ok()) {
+          std::fprintf(stderr, "tessera checkpoint: removing retired checkpoints failed: %s\n",
+                       std::string(removed.message()).c_str());
+        }
+      }
     });
     return std::shared_ptr<SaveHandle>(state);
   }

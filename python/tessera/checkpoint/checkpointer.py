@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -33,11 +32,9 @@ log = logging.getLogger("tessera.checkpoint")
 class SaveHandle:
     """A save in flight. wait() blocks until it is committed and raises CheckpointError if it failed."""
 
-    def __init__(self, step: int, handle, started: float):
+    def __init__(self, step: int, handle):
         self.step = step
         self._handle = handle
-        self._started = started
-        self.seconds_to_durable: float | None = None
 
     @property
     def done(self) -> bool:
@@ -50,8 +47,6 @@ class SaveHandle:
             raise CheckpointError(f"checkpoint step {self.step} was not saved: {e}") from None
         finally:
             fences.wait_all()
-        if self.seconds_to_durable is None:
-            self.seconds_to_durable = time.perf_counter() - self._started
 
 
 def _rank_world() -> tuple[int, int]:
@@ -99,7 +94,6 @@ class Checkpointer:
         save first waits for the first). Plain values are captured now; tensors are staged in the background."""
         if not isinstance(step, int) or step < 0:
             raise InvalidArgumentError(f"Checkpointer.save: step must be a non-negative int, got {step!r}")
-        started = time.perf_counter()
         if self._pending is not None and not self._pending.done:
             self._pending.wait()
         collected, global_extra, rank_extra = self._collect(state, load=False)
@@ -118,7 +112,7 @@ class Checkpointer:
         handle = writer.save(step, self.rank, self.world, pieces, jsonio.dumps(rank_extra),
                              jsonio.dumps(global_extra))
         fences.register(handle, unit_last)
-        self._pending = SaveHandle(step, handle, started)
+        self._pending = SaveHandle(step, handle)
         return self._pending
 
     # ---- loading ---------------------------------------------------------------------------------------------
