@@ -155,6 +155,14 @@ class SaveState final : public SaveHandle {
     absl::MutexLock lock(&mu_);
     return finished_;
   }
+  SaveStats stats() const override {
+    absl::MutexLock lock(&mu_);
+    return stats_;
+  }
+  void SetBytes(int64_t bytes) {
+    absl::MutexLock lock(&mu_);
+    stats_.bytes = bytes;
+  }
 
   // Staging thread: pieces [0, n) and arena bytes [0, bytes) are staged.
   void Publish(int64_t pieces, int64_t bytes) {
@@ -166,6 +174,7 @@ class SaveState final : public SaveHandle {
     absl::MutexLock lock(&mu_);
     if (staging_over_) return;
     staging_over_ = true;
+    stats_.stage_seconds = absl::ToDoubleSeconds(absl::Now() - started_);
     staging_status_ = std::move(status);
     if (staging_status_.ok()) pieces_staged_ = num_pieces_;
   }
@@ -179,6 +188,7 @@ class SaveState final : public SaveHandle {
   void Finish(absl::Status status) {
     absl::MutexLock lock(&mu_);
     final_status_ = std::move(status);
+    stats_.durable_seconds = absl::ToDoubleSeconds(absl::Now() - started_);
     finished_ = true;
   }
 
@@ -191,6 +201,8 @@ class SaveState final : public SaveHandle {
   absl::Status staging_status_;
   bool finished_ = false;
   absl::Status final_status_;
+  const absl::Time started_ = absl::Now();
+  SaveStats stats_;
 };
 
 class Writer final : public CheckpointWriter {
@@ -207,6 +219,9 @@ class Writer final : public CheckpointWriter {
     absl::MutexLock lock(&save_mu_);
     if (thread_.joinable()) thread_.join();  // one save at a time
     auto state = std::make_shared<SaveState>(static_cast<int64_t>(request.pieces.size()));
+    int64_t bytes = 0;
+    for (const SavePiece& piece : request.pieces) bytes += piece.data.bytes();
+    state->SetBytes(bytes);
     {
       absl::MutexLock l(&active_mu_);
       active_step_ = request.step;

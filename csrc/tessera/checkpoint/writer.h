@@ -52,9 +52,17 @@ struct WriterOptions {
   std::string crash_point;
 };
 
+// What one save cost, for progress logs and metrics (filled in as the save proceeds).
+struct SaveStats {
+  int64_t bytes = 0;              // bytes of this rank's pieces
+  double stage_seconds = -1;      // from Save() until every piece was staged (-1: not yet)
+  double durable_seconds = -1;    // from Save() until committed (or failed) (-1: not yet)
+};
+
 class SaveHandle {
  public:
   virtual ~SaveHandle() = default;
+  virtual SaveStats stats() const = 0;
   // Blocks until pieces [0, i] are copied to host memory (their sources may then be modified).
   virtual absl::Status WaitStaged(int64_t i) = 0;
   virtual absl::Status WaitAllStaged() = 0;

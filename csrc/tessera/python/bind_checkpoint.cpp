@@ -52,7 +52,16 @@ void BindCheckpoint(py::module_& m) {
              h.sources.clear();  // Wait() returns after staging ended too, successful or not
              ThrowIfError(s);
            })
-      .def_property_readonly("done", [](PySaveHandle& h) { return h.handle->done(); });
+      .def_property_readonly("done", [](PySaveHandle& h) { return h.handle->done(); })
+      .def_property_readonly("stats", [](PySaveHandle& h) {
+        const checkpoint::SaveStats st = h.handle->stats();
+        py::dict d;
+        d["bytes"] = st.bytes;
+        d["stage_seconds"] = st.stage_seconds < 0 ? py::object(py::none()) : py::object(py::float_(st.stage_seconds));
+        d["durable_seconds"] =
+            st.durable_seconds < 0 ? py::object(py::none()) : py::object(py::float_(st.durable_seconds));
+        return d;
+      });
 
   py::class_<CheckpointWriter>(m, "CheckpointWriter")
       .def(py::init([](const std::string& root, int threads, double commit_timeout_s, int keep_last,

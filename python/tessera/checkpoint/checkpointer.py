@@ -40,6 +40,12 @@ class SaveHandle:
     def done(self) -> bool:
         return self._handle.done
 
+    @property
+    def stats(self) -> dict:
+        """{"bytes": this rank's bytes, "stage_seconds": until staged, "durable_seconds": until committed or
+        failed}; the times are None until reached. Measured by the engine, not by when wait() was called."""
+        return dict(self._handle.stats)
+
     def wait(self) -> None:
         try:
             self._handle.wait()
@@ -47,6 +53,9 @@ class SaveHandle:
             raise CheckpointError(f"checkpoint step {self.step} was not saved: {e}") from None
         finally:
             fences.wait_all()
+        st = self.stats
+        log.info("tessera checkpoint: step %d committed: %.1f MB from this rank, staged in %.3f s, durable in %.3f s",
+                 self.step, st["bytes"] / 1e6, st["stage_seconds"] or 0.0, st["durable_seconds"] or 0.0)
 
 
 def _rank_world() -> tuple[int, int]:

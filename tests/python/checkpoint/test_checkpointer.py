@@ -165,7 +165,12 @@ def test_retention_keeps_last_n(tmp_path, single_rank_group):
     model, opt, sched, state = _setup(S.FULL_SHARD)
     ckpt = tessera.checkpoint.Checkpointer(tmp_path / "ckpt", keep_last=2)
     for step in range(1, 5):
-        ckpt.save(step, state).wait()
+        handle = ckpt.save(step, state)
+        handle.wait()
+        st = handle.stats
+        # The engine's own timings: staged no later than durable, and bytes = this rank's parameter shards.
+        assert st["bytes"] == sum(p.numel() * p.element_size() for p in model.parameters()) + 4  # + the buffer
+        assert 0 <= st["stage_seconds"] <= st["durable_seconds"]
     assert ckpt.committed_steps() == [4, 3]
 
 
