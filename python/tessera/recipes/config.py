@@ -46,10 +46,14 @@ class TrainConfig:
     precision: Precision = Precision.fp32
     seed: int = 0
     log_every: int = 10
+    # Checkpointing: empty dir = off. With a dir, the job resumes from the newest valid checkpoint there.
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 20
+    keep_last: int = 3
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "seq_len",
-                     "batch_per_rank", "world_size", "steps", "lr", "log_every"):
+                     "batch_per_rank", "world_size", "steps", "lr", "log_every", "checkpoint_every"):
             if not getattr(self, name) > 0:
                 raise InvalidArgumentError(f"config key '{name}' must be > 0, got {getattr(self, name)}")
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
@@ -75,6 +79,8 @@ def _coerce(field: dataclasses.Field, raw):
             return int(raw)
         if kind == "float":
             return float(raw)
+        if kind == "str":
+            return "" if raw is None else str(raw)
         if kind in ("Strategy", "Precision"):
             enum_cls = Strategy if kind == "Strategy" else Precision
             return enum_cls(str(raw).lower())

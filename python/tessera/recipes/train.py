@@ -40,9 +40,19 @@ def _train(rank: int, cfg: TrainConfig) -> float:
     if rank == 0:
         print(f"tessera: {n_params / 1e6:.2f} M params, {world} ranks, strategy {cfg.strategy.value}, "
               f"precision {cfg.precision.value}, {cfg.tokens_per_step} tokens/step", flush=True)
+    train = {"step": 0}
+    ckpt, handle = None, None
+    if cfg.checkpoint_dir:
+        ckpt = tessera.checkpoint.Checkpointer(cfg.checkpoint_dir, keep_last=cfg.keep_last)
+        resumed = ckpt.load_latest({"model": model, "optim": opt, "train": train})
+        if rank == 0:
+            print(f"tessera: resumed from checkpoint step {resumed} in {cfg.checkpoint_dir}" if resumed is not None
+                  else f"tessera: no checkpoint in {cfg.checkpoint_dir}; starting fresh", flush=True)
     t_start = t_log = time.perf_counter()
     loss_val = float("nan")
-    for step in range(1, cfg.steps + 1):
+    first_step = train["step"] + 1
+    last_log_step = first_step - 1
+    for step in range(first_step, cfg.steps + 1):
         tokens = synthetic_batch(cfg, step, rank)
         loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
@@ -54,15 +64,28 @@ def _train(rank: int, cfg: TrainConfig) -> float:
             dist.all_reduce(avg)
             loss_val = avg.item() / world
             now = time.perf_counter()
-            steps_done = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+            steps_done = step - last_log_step
+            last_log_step = step
             if rank == 0:
                 tps = cfg.tokens_per_step * steps_done / (now - t_log)
                 print(f"step {step:5d}/{cfg.steps}  loss {loss_val:.4f}  tokens/s {tps:,.0f}  "
                       f"elapsed {now - t_start:.1f}s", flush=True)
             t_log = now
+        train["step"] = step
+        if ckpt is not None and step % cfg.checkpoint_every == 0:
+            if handle is not None:
+                handle.wait()
+            handle = ckpt.save(step, {"model": model, "optim": opt, "train": train})
+    if handle is not None:
+        handle.wait()
+        if rank == 0:
+            st = handle.stats
+            print(f"checkpoint step {handle.step}: {st['bytes'] / 1e6:.1f} MB/rank, staged in "
+                  f"{st['stage_seconds']:.3f}s, durable in {st['durable_seconds']:.3f}s", flush=True)
     if rank == 0:
         total = time.perf_counter() - t_start
-        print(f"done: {cfg.steps} steps in {total:.1f}s, {cfg.tokens_per_step * cfg.steps / total:,.0f} tokens/s "
+        done_steps = max(cfg.steps - first_step + 1, 0)
+        print(f"done: {done_steps} steps in {total:.1f}s, {cfg.tokens_per_step * done_steps / max(total, 1e-9):,.0f} tokens/s "
               f"overall, final loss {loss_val:.4f}", flush=True)
     return loss_val
 

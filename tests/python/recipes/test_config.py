@@ -59,3 +59,18 @@ def test_cli_reports_bad_key():
                          timeout=120)
     assert out.returncode == 2
     assert "unknown config key(s) ['bogus']" in out.stderr
+
+
+def test_cli_checkpoints_and_resumes(tmp_path):
+    base = ["log_every=1", "n_layers=1", "seq_len=16", "batch_per_rank=2", "dim=64", "ffn_dim=128",
+            f"checkpoint_dir={tmp_path / 'ckpt'}", "checkpoint_every=2"]
+    first = subprocess.run([sys.executable, "-m", "tessera", "run", *base, "steps=4"], capture_output=True,
+                           text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "starting fresh" in first.stdout and "checkpoint step 4:" in first.stdout
+    again = subprocess.run([sys.executable, "-m", "tessera", "run", *base, "steps=6"], capture_output=True,
+                           text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from checkpoint step 4" in again.stdout
+    steps = [int(re.search(r"step\s+(\d+)/", l).group(1)) for l in again.stdout.splitlines() if l.startswith("step ")]
+    assert steps == [5, 6], again.stdout
