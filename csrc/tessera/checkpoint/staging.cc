@@ -46,7 +46,8 @@ void Stager::Free() {
   capacity_ = 0;
 }
 
-absl::Status Stager::Reserve(int64_t bytes, bool pinned) {
+absl::Status Stager::Reserve(int64_t data_bytes, bool pinned) {
+  const int64_t bytes = kHeaderBytes + data_bytes + 4096;  // header, data, slack for the last direct write
   if (bytes <= capacity_ && (pinned_ || !pinned)) return absl::OkStatus();
   Free();
   const int64_t cap = (std::max<int64_t>(bytes, 1) + kArenaGranule - 1) / kArenaGranule * kArenaGranule;

@@ -17,9 +17,14 @@ class Stager {
   Stager& operator=(const Stager&) = delete;
   ~Stager();
 
-  // Ensures the arena holds `bytes` (pinned if `pinned`); keeps the current one when it is big enough.
+  // Ensures the arena holds `bytes` of piece data (pinned if `pinned`); keeps the current one when big enough.
+  // The memory is the data file's image: the file header at image() (page-aligned), the arena at data() =
+  // image() + kFileHeaderBytes, so file offset f lives at image() + f and aligned offsets are aligned addresses
+  // (what direct writes need). At least kDirectIOAlign bytes of slack follow the data.
   absl::Status Reserve(int64_t bytes, bool pinned);
-  char* data() const { return data_; }
+  char* image() const { return data_; }
+  char* data() const { return data_ + kHeaderBytes; }
+  static constexpr int64_t kHeaderBytes = 64;  // == kFileHeaderBytes (format.h)
   // Copies bytes [offset, offset + bytes) of `src` (CPU or CUDA) to `dst` in the arena; done on return.
   absl::Status Copy(char* dst, const BufferView& src, int64_t offset, int64_t bytes);
 

@@ -22,6 +22,10 @@ absl::Status WritableFile::WriteAt(int64_t offset, const void* data, int64_t byt
   return absl::UnimplementedError("this storage does not support positional writes");
 }
 
+absl::Status WritableFile::Truncate(int64_t) {
+  return absl::UnimplementedError("this storage's files cannot be truncated");
+}
+
 absl::Status Storage::WriteAtomically(const std::string& path, const std::string& data) {
   const std::string tmp = path + ".tmp";
   TESSERA_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> f, Create(tmp));
@@ -66,7 +70,15 @@ absl::Status SyncPath(const std::string& full, int flags, const char* doing) {
 
 class LocalFile final : public WritableFile {
  public:
-  LocalFile(int fd, std::string full) : fd_(fd), full_(std::move(full)) {}
+  LocalFile(int fd, std::string full, bool direct = false) : fd_(fd), full_(std::move(full)), direct_(direct) {}
+  bool direct() const override { return direct_; }
+
+  absl::Status Truncate(int64_t bytes) override {
+    while (::ftruncate(fd_, bytes) != 0) {
+      if (errno != EINTR) return ErrnoStatus(errno, "truncating", full_);
+    }
+    return absl::OkStatus();
+  }
   ~LocalFile() override { (void)Close(); }
 
   absl::Status Append(const void* data, int64_t bytes) override {
@@ -82,6 +94,11 @@ class LocalFile final : public WritableFile {
       ssize_t n = ::pwrite(fd_, p, static_cast<size_t>(std::min<int64_t>(bytes, 1 << 30)), offset);
       if (n < 0) {
         if (errno == EINTR) continue;
+        if (errno == EINVAL && direct_) {  // the file system accepted O_DIRECT at open but not this write
+          direct_ = false;
+          ::fcntl(fd_, F_SETFL, ::fcntl(fd_, F_GETFL) & ~O_DIRECT);
+          continue;
+        }
         return ErrnoStatus(errno, "writing", full_);
       }
       if (n == 0) return ErrnoStatus(EIO, "writing", full_);
@@ -112,6 +129,7 @@ class LocalFile final : public WritableFile {
  private:
   int fd_;
   std::string full_;
+  bool direct_;
   int64_t append_at_ = 0;
 };
 
@@ -131,6 +149,20 @@ class LocalStorage final : public Storage {
     } while (fd < 0 && errno == EINTR);
     if (fd < 0) return ErrnoStatus(errno, "creating", full);
     return std::unique_ptr<WritableFile>(new LocalFile(fd, full));
+  }
+
+  // [Note: direct checkpoint writes] Writing through the page cache costs a kernel copy of every byte plus the
+  // writeback work, all CPU time taken from training (on a 2-core VM: 0.4-0.8 s of system time per 252 MB, against
+  // 0.02 s with O_DIRECT). File systems without O_DIRECT (tmpfs) get a buffered file.
+  absl::StatusOr<std::unique_ptr<WritableFile>> CreateForDirectIO(const std::string& path) override {
+    const std::string full = Describe(path);
+    int fd;
+    do {
+      fd = ::open(full.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_DIRECT, 0644);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0 && errno == EINVAL) return Create(path);
+    if (fd < 0) return ErrnoStatus(errno, "creating", full);
+    return std::unique_ptr<WritableFile>(new LocalFile(fd, full, /*direct=*/true));
   }
 
   absl::StatusOr<std::string> ReadAll(const std::string& path) override {

@@ -12,6 +12,9 @@
 
 namespace tessera::checkpoint {
 
+// Alignment of offsets, sizes and buffers for direct (O_DIRECT) writes.
+inline constexpr int64_t kDirectIOAlign = 4096;
+
 class WritableFile {
  public:
   virtual ~WritableFile() = default;
@@ -20,6 +23,10 @@ class WritableFile {
   // Storages that cannot (object stores) keep the default, which returns Unimplemented. Independent of Append's
   // position; don't mix the two on one file.
   virtual absl::Status WriteAt(int64_t offset, const void* data, int64_t bytes);
+  // Sets the file's size (used after direct writes, which must cover whole blocks).
+  virtual absl::Status Truncate(int64_t bytes);
+  // Whether writes bypass the page cache (O_DIRECT): offsets, sizes and buffers must then be kDirectIOAlign-aligned.
+  virtual bool direct() const { return false; }
   virtual absl::Status Sync() = 0;   // durable on return (fdatasync)
   virtual absl::Status Close() = 0;  // idempotent
 };
@@ -29,6 +36,10 @@ class Storage {
   virtual ~Storage() = default;
   virtual std::string Describe(const std::string& path) const = 0;  // full path for messages
   virtual absl::StatusOr<std::unique_ptr<WritableFile>> Create(const std::string& path) = 0;  // truncates
+  // Like Create, but asks for writes that bypass the page cache where the file system supports it (see direct()).
+  virtual absl::StatusOr<std::unique_ptr<WritableFile>> CreateForDirectIO(const std::string& path) {
+    return Create(path);
+  }
   virtual absl::StatusOr<std::string> ReadAll(const std::string& path) = 0;
   // Reads exactly `bytes` at `offset` into dst; DataLoss naming the file if it is shorter.
   virtual absl::Status ReadAt(const std::string& path, int64_t offset, int64_t bytes, void* dst) = 0;

@@ -2,11 +2,13 @@
 // thread stages pieces into a reused host arena while a pool of workers writes staged chunks to their precomputed
 // offsets, fsyncs, writes the rank index and runs the commit protocol (commit.cc).
 //
-// [Note: staging arena] The arena mirrors the data file after its header: piece i lives at the same offset in both
-// (file offset - kFileHeaderBytes), pieces aligned to 64 bytes. Staging fills it strictly in order and publishes
-// how many bytes are ready, so workers write 16 MiB chunks as soon as they are staged (a single large flat shard
-// still overlaps copy and write) and WaitStaged(i) needs only a counter. The arena is kept across saves (pinned
-// when CUDA pieces are staged) so a steady-state save allocates nothing.
+// [Note: staging arena] The staging memory is the data file's image: header, then piece i at the same offset as
+// in the file, pieces aligned to 64 bytes, gaps zeroed. Staging fills it strictly in order and publishes how many
+// bytes are ready, so workers write 16 MiB chunks of the image as soon as they are staged (a single large flat
+// shard still overlaps copy and write) and WaitStaged(i) needs only a counter. Chunks are page-aligned in memory
+// and in the file, so they go out with O_DIRECT where the file system allows ([Note: direct checkpoint writes] in
+// storage.cc). The arena is kept across saves (pinned when CUDA pieces are staged): a steady-state save allocates
+// nothing.
 #include "tessera/checkpoint/writer.h"
 
 #include <cstdio>
@@ -281,11 +283,13 @@ absl::Status Writer::Run(const SaveRequest& req, Plan& plan, SaveState& state) {
   TESSERA_RETURN_IF_ERROR(storage_->MakeDirs(tmp));
   // An index left by a crashed attempt at this step must not be taken as this save's "done" marker.
   TESSERA_RETURN_IF_ERROR(storage_->RemoveAll(tmp + "/" + RankIndexName(req.rank)));
-  TESSERA_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file, storage_->Create(tmp + "/" + RankFileName(req.rank)));
+  TESSERA_ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file,
+                           storage_->CreateForDirectIO(tmp + "/" + RankFileName(req.rank)));
   FileHeader header{static_cast<uint32_t>(kFormatVersion), req.rank, req.world_size, req.step, plan.data_bytes};
   const std::string encoded = EncodeFileHeader(header);
-  TESSERA_RETURN_IF_ERROR(file->WriteAt(0, encoded.data(), kFileHeaderBytes));
+  std::memcpy(stager_.image(), encoded.data(), kFileHeaderBytes);  // written with the first chunk
   TESSERA_RETURN_IF_ERROR(StageAndPersist(req, plan, state, *file));
+  if (file->direct()) TESSERA_RETURN_IF_ERROR(file->Truncate(kFileHeaderBytes + plan.data_bytes));
   TESSERA_RETURN_IF_ERROR(file->Sync());
   TESSERA_RETURN_IF_ERROR(file->Close());
   internal::MaybeCrash(options_.crash_point, "after_data");
@@ -300,21 +304,17 @@ absl::Status Writer::Run(const SaveRequest& req, Plan& plan, SaveState& state) {
 }
 
 absl::Status Writer::StageAndPersist(const SaveRequest& req, Plan& plan, SaveState& state, WritableFile& file) {
+  static_assert(internal::Stager::kHeaderBytes == kFileHeaderBytes, "the staging image starts with the header");
+  static_assert(kChunkBytes % kDirectIOAlign == 0, "chunks must keep direct writes aligned");
   const int64_t n = static_cast<int64_t>(req.pieces.size());
-  char* arena = stager_.data();
-  struct Chunk {
-    int64_t piece, offset, bytes;  // offset in the arena
-  };
-  std::vector<Chunk> chunks;
-  std::unique_ptr<std::atomic<int64_t>[]> chunks_left(new std::atomic<int64_t>[n]);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t bytes = req.pieces[i].data.bytes();
-    int64_t k = 0;
-    for (int64_t off = 0; off < bytes; off += kChunkBytes, ++k) {
-      chunks.push_back({i, plan.arena_offset[i] + off, std::min(kChunkBytes, bytes - off)});
-    }
-    chunks_left[i].store(k);
-  }
+  char* image = stager_.image();  // file offset f is at image + f
+  char* arena = stager_.data();   // == image + kFileHeaderBytes
+  const int64_t total = kFileHeaderBytes + plan.data_bytes;
+  // Direct writes cover whole blocks: the last one is padded with zeros and the file truncated afterwards.
+  const int64_t padded = file.direct() ? (total + kDirectIOAlign - 1) / kDirectIOAlign * kDirectIOAlign : total;
+  std::memset(image + total, 0, static_cast<size_t>(padded - total));
+  std::vector<std::pair<int64_t, int64_t>> chunks;  // [begin, end) file offsets, written in this order
+  for (int64_t b = 0; b < padded; b += kChunkBytes) chunks.emplace_back(b, std::min(padded, b + kChunkBytes));
   std::vector<uint64_t> checksums(n, 0);
   std::atomic<size_t> next{0};
   std::atomic<bool> abort{false};
@@ -326,7 +326,7 @@ absl::Status Writer::StageAndPersist(const SaveRequest& req, Plan& plan, SaveSta
     abort.store(true);
   };
 
-  // Persist workers: chunks in file order, each written as soon as staging has passed it.
+  // Persist workers: chunks of the file image in order, each written as soon as staging has passed its end.
   std::vector<std::thread> workers;
   const int num_workers = std::max(1, std::min<int>(options_.threads, static_cast<int>(chunks.size())));
   for (int w = 0; w < num_workers && !chunks.empty(); ++w) {
@@ -334,23 +334,26 @@ absl::Status Writer::StageAndPersist(const SaveRequest& req, Plan& plan, SaveSta
       for (;;) {
         const size_t c = next.fetch_add(1);
         if (c >= chunks.size() || abort.load()) return;
-        const Chunk& ch = chunks[c];
-        if (!state.WaitBytes(ch.offset + ch.bytes)) return;  // staging stopped
-        absl::Status s = file.WriteAt(kFileHeaderBytes + ch.offset, arena + ch.offset, ch.bytes);
+        const auto [begin, end] = chunks[c];
+        const int64_t need = std::max<int64_t>(0, std::min(end, total) - kFileHeaderBytes);  // arena bytes
+        if (!state.WaitBytes(need)) return;  // staging stopped
+        absl::Status s = file.WriteAt(begin, image + begin, end - begin);
         if (!s.ok()) return fail(std::move(s));
-        if (chunks_left[ch.piece].fetch_sub(1) == 1) {
-          checksums[ch.piece] = Checksum(arena + plan.arena_offset[ch.piece], req.pieces[ch.piece].data.bytes());
-        }
       }
     });
   }
 
-  // Staging, on this thread, in request order (WaitStaged(i) is a prefix guarantee).
+  // Staging, on this thread, in request order (WaitStaged(i) is a prefix guarantee). Gaps between pieces are
+  // zeroed (the format says so, and the whole image is written). Each piece is hashed from the arena right after
+  // it is published: the data is still in cache, and the source may already change.
   absl::Status staging;
   int64_t staged_bytes = 0;
   for (int64_t i = 0; i < n && staging.ok(); ++i) {
     const SavePiece& p = req.pieces[i];
     const int64_t bytes = p.data.bytes();
+    if (bytes > 0) {
+      std::memset(arena + staged_bytes, 0, static_cast<size_t>(plan.arena_offset[i] - staged_bytes));
+    }
     for (int64_t off = 0; off < bytes; off += kChunkBytes) {
       if (abort.load()) break;
       const int64_t len = std::min(kChunkBytes, bytes - off);
@@ -365,6 +368,7 @@ absl::Status Writer::StageAndPersist(const SaveRequest& req, Plan& plan, SaveSta
     }
     if (abort.load()) break;
     state.Publish(i + 1, staged_bytes);
+    if (bytes > 0) checksums[i] = Checksum(arena + plan.arena_offset[i], bytes);
   }
   if (abort.load()) {
     absl::MutexLock lock(&err_mu);
