@@ -7,6 +7,7 @@ own NCCL communicator, bootstrapped by sharing an ncclUniqueId through the defau
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -14,7 +15,10 @@ import torch.distributed as dist
 from tessera import _C
 from tessera.errors import InvalidArgumentError, NotSupportedError
 
-_cache: dict[tuple[int, str], _C.Communicator] = {}
+# Keyed weakly by the group object: once torch.distributed drops a group (destroy_process_group), its communicators
+# go too, instead of a module-level cache keeping every group alive until interpreter shutdown (where tearing down
+# gloo late has aborted a rank). Units hold the communicators they use; the cache lets a model's units share one.
+_cache: "weakref.WeakKeyDictionary[dist.ProcessGroup, dict[str, _C.Communicator]]" = weakref.WeakKeyDictionary()
 _nccl_counter = itertools.count()
 
 
@@ -37,8 +41,8 @@ def resolve_group(group):
 
 
 def communicator(group, device: torch.device) -> _C.Communicator:
-    key = (id(group), str(device))
-    comm = _cache.get(key)
+    per_group = _cache.setdefault(group, {})
+    comm = per_group.get(str(device))
     if comm is not None:
         return comm
     if device.type == "cpu":
@@ -54,7 +58,7 @@ def communicator(group, device: torch.device) -> _C.Communicator:
         comm = _nccl_communicator(group, device)
     else:
         raise NotSupportedError(f"parameters on {device} are not supported; expected cpu or cuda")
-    _cache[key] = comm
+    per_group[str(device)] = comm
     return comm
 
 
