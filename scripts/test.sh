@@ -11,6 +11,9 @@ cmake -S . -B build/cpp -G Ninja -DCMAKE_BUILD_TYPE=Release -DTESSERA_BUILD_TEST
 cmake --build build/cpp -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 ctest --test-dir build/cpp --output-on-failure -j 2
 
+echo "== CMake package for C++ trainers (find_package(Tessera))"
+bash scripts/check_cmake_package.sh
+
 echo "== Fuzzing the checkpoint manifest and file-header parsers (libFuzzer, ${TESSERA_FUZZ_SECONDS:-30} s)"
 bash scripts/fuzz.sh "${TESSERA_FUZZ_SECONDS:-30}"
 
