@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 
-import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 _lock = threading.Lock()

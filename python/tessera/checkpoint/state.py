@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from tessera.errors import CheckpointError, InvalidArgumentError
-from tessera.shard.runtime import UnitRuntime, unit_of
+from tessera.shard.runtime import UnitRuntime, managed_by, unit_of
+from tessera.shard.state_dict import keys_by_location
 
 
 class RNGState:
@@ -85,11 +86,7 @@ class Collected:
 
 
 def collect_module(key: str, module: nn.Module, rank: int, world: int, out: Collected) -> None:
-    keys = {
-        (id(mod), attr): (f"{name}.{attr}" if name else attr)
-        for name, mod in module.named_modules(remove_duplicate=False)
-        for attr in mod._parameters
-    }
+    keys = keys_by_location(module)
     seen: set[int] = set()
     for mod in module.modules():
         unit = unit_of(mod)
@@ -113,7 +110,7 @@ def collect_module(key: str, module: nn.Module, rank: int, world: int, out: Coll
     # Parameters no unit manages (an unsharded module) and persistent buffers: rank 0 saves, every rank loads.
     state_keys = set(module.state_dict().keys())
     for name, p in module.named_parameters():
-        if id(p) in seen or unit_of_param(p) is not None:
+        if id(p) in seen or managed_by(p) is not None:
             continue
         place = ParamPlace(f"{key}/{name}", None, 0, p.numel() if rank == 0 else 0, 0, p.numel(), tuple(p.shape))
         out.places[id(p)] = place
@@ -122,10 +119,6 @@ def collect_module(key: str, module: nn.Module, rank: int, world: int, out: Coll
         if name in state_keys and b.is_floating_point():
             place = ParamPlace(f"{key}/{name}", None, 0, b.numel() if rank == 0 else 0, 0, b.numel(), tuple(b.shape))
             out.slots.append(_slot_for(place, place.name, b))
-
-
-def unit_of_param(p: torch.Tensor):
-    return getattr(p, "_tessera_unit", None)
 
 
 def _slot_for(place: ParamPlace, name: str, local: torch.Tensor) -> Slot:

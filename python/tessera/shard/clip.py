@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from tessera import _C
 from tessera.errors import InvalidArgumentError, NotSupportedError
-from tessera.shard.runtime import unit_of
+from tessera.shard.state_dict import units_in
 
 
 def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -18,9 +18,7 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) 
         raise NotSupportedError(f"clip_grad_norm_: norm_type={norm_type} is not supported yet; only 2.0")
     if not max_norm > 0:
         raise InvalidArgumentError(f"clip_grad_norm_: max_norm must be > 0, got {max_norm}")
-    units = [unit_of(m) for m in module.modules() if unit_of(m) is not None]
-    if not units:
-        raise InvalidArgumentError(f"clip_grad_norm_: module {type(module).__name__} has no tessera-sharded module")
+    units = units_in(module)
     sharded, replicated, grads = [], [], []
     for unit in units:
         g = [info.sharded.grad for info in unit.params[: unit.num_trainable] if info.sharded.grad is not None]

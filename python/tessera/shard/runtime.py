@@ -120,6 +120,7 @@ class UnitRuntime:
             for t in (info.tensor, info.sharded, info.full):
                 setattr(t, _PARAM_ATTR, self)
             info.tensor = None  # drop the original so its memory can go
+        self._index_of = {id(info.sharded): i for i, info in enumerate(self.params)}
         self._use(sharded=True)
         self.module.__dict__[_UNIT_ATTR] = self
         self.module.register_forward_pre_hook(self._pre_forward, prepend=True, with_kwargs=True)
@@ -132,10 +133,9 @@ class UnitRuntime:
                 mod._parameters[attr] = tensor
 
     def param_index(self, p: torch.Tensor) -> int:
-        for i, info in enumerate(self.params):
-            if info.sharded is p:
-                return i
-        return -1
+        """Layout index of sharded parameter `p` in this unit, -1 if it is not one (a dict: the optimizer asks
+        for every parameter on every step)."""
+        return self._index_of.get(id(p), -1)
 
     # ---- unshard / reshard -----------------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ from tessera.errors import InvalidArgumentError
 from tessera.shard.runtime import UnitRuntime, unit_of
 
 
-def _units(module: nn.Module) -> list[UnitRuntime]:
+def units_in(module: nn.Module) -> list[UnitRuntime]:
+    """The sharded units inside `module`; InvalidArgumentError if there is none."""
     units = []
     for mod in module.modules():
         unit = unit_of(mod)
@@ -20,7 +21,8 @@ def _units(module: nn.Module) -> list[UnitRuntime]:
     return units
 
 
-def _keys_by_location(module: nn.Module) -> dict[tuple[int, str], str]:
+def keys_by_location(module: nn.Module) -> dict[tuple[int, str], str]:
+    """(id(owner module), attribute) -> the parameter's key in module.state_dict()."""
     return {
         (id(mod), attr): (f"{name}.{attr}" if name else attr)
         for name, mod in module.named_modules(remove_duplicate=False)
@@ -31,9 +33,9 @@ def _keys_by_location(module: nn.Module) -> dict[tuple[int, str], str]:
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter gathered to its full shape (in the shard's dtype, on CPU) and every buffer, under the keys
     the unsharded module's state_dict() has. Collective: every rank of each unit's group must call it."""
-    keys = _keys_by_location(module)
+    keys = keys_by_location(module)
     out = dict(module.state_dict())  # buffers and key order; sharded entries replaced below
-    for unit in _units(module):
+    for unit in units_in(module):
         fulls = unit.unit.gather_full()
         for info, full in zip(unit.params, fulls):
             full = full.cpu()
@@ -48,7 +50,7 @@ def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor])
     from tessera.checkpoint import fences
 
     fences.wait_all()  # never overwrite shards a save is still staging
-    keys = _keys_by_location(module)
+    keys = keys_by_location(module)
     expected = set(module.state_dict().keys())
     given = set(state_dict.keys())
     missing, unexpected = sorted(expected - given), sorted(given - expected)
@@ -58,7 +60,7 @@ def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor])
             f"unexpected keys {unexpected[:20]}"
         )
     handled = set()
-    for unit in _units(module):
+    for unit in units_in(module):
         for i, info in enumerate(unit.params):
             loc_keys = [keys[(id(mod), attr)] for mod, attr in info.locations]
             value = state_dict[loc_keys[0]]

@@ -11,6 +11,7 @@
 #include "tessera/core/dtype.h"
 #include "tessera/kernels/kernels.h"
 #include "tessera/shard/plan.h"
+#include "testing/kernel_test.h"
 #include "testing/test_buffer.h"
 
 namespace tessera::kernels {
@@ -21,37 +22,8 @@ using ::tessera::testing::kAllDTypes;
 using ::tessera::testing::MinSubnormal;
 using ::tessera::testing::TestBuffer;
 
-class CpuKernelsTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    seed_ = tessera::testing::FreshSeed();
-    rng_.seed(seed_);
-  }
-  DType RandomDType() { return kAllDTypes[std::uniform_int_distribution<int>(0, 3)(rng_)]; }
-  TestBuffer Random(DType t, int64_t n, double lo = -1, double hi = 1) {
-    TestBuffer b(t, n);
-    b.FillRandom(rng_, lo, hi);
-    return b;
-  }
-  static TestBuffer Poisoned(DType t, int64_t n) {
-    TestBuffer b(t, n);
-    b.Poison();
-    return b;
-  }
-  std::string Seed() const { return "seed " + std::to_string(seed_); }
-
-  uint64_t seed_ = 0;
-  std::mt19937_64 rng_;
-};
-
-// A value of dtype t (rounded once, to nearest) may differ from the exact value by at most one ulp of t here: the
-// kernels may round twice (to float, then to t), as torch does for double -> half.
-::testing::AssertionResult Close(double got, double want, DType t) {
-  const double tol = Epsilon(t) * std::fabs(want) + MinSubnormal(t);
-  if (std::fabs(got - want) <= tol) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "got " << got << ", want " << want << " +- " << tol << " (" << DTypeName(t)
-                                       << ")";
-}
+using CpuKernelsTest = ::tessera::testing::SeededKernelTest;
+using ::tessera::testing::Close;
 
 const std::vector<std::vector<int64_t>> kLayouts = {
     {7, 1, 0, 13, 64, 3}, {1}, {0}, {5, 5, 5}, {1000, 17, 2}, {},

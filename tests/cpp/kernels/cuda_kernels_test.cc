@@ -19,6 +19,7 @@
 #include "tessera/kernels/cpu.h"
 #include "tessera/kernels/kernels.h"
 #include "tessera/shard/plan.h"
+#include "testing/kernel_test.h"
 #include "testing/test_buffer.h"
 
 namespace tessera::kernels {
@@ -27,6 +28,7 @@ namespace {
 using ::tessera::testing::Epsilon;
 using ::tessera::testing::kAllDTypes;
 using ::tessera::testing::MinSubnormal;
+using ::tessera::testing::Close;
 using ::tessera::testing::TestBuffer;
 
 bool HasCudaDevice() {
@@ -63,36 +65,12 @@ class DeviceBuffer {
   void* data_ = nullptr;
 };
 
-::testing::AssertionResult Close(double got, double want, DType t, double ulps = 1) {
-  if (std::isnan(want) && std::isnan(got)) return ::testing::AssertionSuccess();
-  const double tol = ulps * (Epsilon(t) * std::fabs(want) + MinSubnormal(t));
-  if (std::fabs(got - want) <= tol) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "got " << got << ", want " << want << " +- " << tol << " ("
-                                       << DTypeName(t) << ")";
-}
-
-class CudaKernelsTest : public ::testing::Test {
+class CudaKernelsTest : public ::tessera::testing::SeededKernelTest {
  protected:
   void SetUp() override {
     if (!HasCudaDevice()) GTEST_SKIP() << "no CUDA device visible";
-    seed_ = tessera::testing::FreshSeed();
-    rng_.seed(seed_);
+    SeededKernelTest::SetUp();
   }
-  DType RandomDType() { return kAllDTypes[std::uniform_int_distribution<int>(0, 3)(rng_)]; }
-  TestBuffer Random(DType t, int64_t n, double lo = -1, double hi = 1) {
-    TestBuffer b(t, n);
-    b.FillRandom(rng_, lo, hi);
-    return b;
-  }
-  static TestBuffer Poisoned(DType t, int64_t n) {
-    TestBuffer b(t, n);
-    b.Poison();
-    return b;
-  }
-  std::string Seed() const { return "seed " + std::to_string(seed_); }
-
-  uint64_t seed_ = 0;
-  std::mt19937_64 rng_;
 };
 
 // Uneven on purpose; the big ones span several kTile (16384) tiles and the vector paths.
