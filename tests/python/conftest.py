@@ -20,7 +20,8 @@ def _entry(rank: int, world: int, init_file: str, fn, args) -> None:
     try:
         fn(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # fn may have destroyed it itself
+            dist.destroy_process_group()
 
 
 def run_ranks(world: int, fn, *args) -> None:

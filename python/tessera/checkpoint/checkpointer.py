@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -74,14 +75,18 @@ class Checkpointer:
         k = knobs.load()
         timeout = commit_timeout_s if commit_timeout_s is not None else k.checkpoint_commit_timeout_s
         # A gloo group of our own for agreement between ranks, so it never interleaves with training collectives.
-        self._group = dist.new_group(backend="gloo") if self.world > 1 else None
+        # Held weakly: torch.distributed owns its groups, and destroy_process_group() must be able to free this one
+        # while Python is alive (see [Note: the adapter does not own the group] in comm/pg/pg_communicator.h).
+        group = dist.new_group(backend="gloo") if self.world > 1 else None
+        self._group_ref = weakref.ref(group) if group is not None else None
         if self.rank == 0:
             try:
                 os.makedirs(self.root, exist_ok=True)
             except OSError as e:
                 raise CheckpointError(f"cannot create checkpoint directory {self.root}: {e.strerror}") from None
-        if self._group is not None:
-            dist.barrier(group=self._group)
+        if group is not None:
+            dist.barrier(group=group)
+        del group
         self._writer = _C.CheckpointWriter(self.root, threads=threads, commit_timeout_s=timeout, keep_last=keep_last)
         # Fault injection (tests): "POINT[@STEP][#RANK]" kills this process at POINT of the save of STEP.
         self._crash_writer, self._crash_step = None, None
@@ -95,6 +100,17 @@ class Checkpointer:
         if self.rank == 0:
             self._writer.clean_stale()
         self._pending: SaveHandle | None = None
+
+    @property
+    def _group(self):
+        """The checkpointer's own gloo group (None on one rank)."""
+        if self._group_ref is None:
+            return None
+        group = self._group_ref()
+        if group is None:
+            raise CheckpointError("checkpoint: the process group was destroyed (torch.distributed."
+                                  "destroy_process_group); create a new Checkpointer after init_process_group()")
+        return group
 
     # ---- saving ----------------------------------------------------------------------------------------------
 

@@ -98,7 +98,6 @@ def shard(
         module=module,
         params=params,
         comm=communicator,
-        group=group,
         strategy=strategy,
         param_dtype=mp.param_dtype,
         reduce_dtype=mp.reduce_dtype or mp.param_dtype,

@@ -75,14 +75,15 @@ class _PostBackward(torch.autograd.Function):
 
 
 class UnitRuntime:
-    def __init__(self, *, module, params, comm, group, strategy, param_dtype, reduce_dtype, reshard_after_forward,
+    def __init__(self, *, module, params, comm, strategy, param_dtype, reduce_dtype, reshard_after_forward,
                  timeout_s):
         from tessera.shard.api import ShardingStrategy  # local: api imports this module
 
         self.module = module
         self.params: list[ParamInfo] = params
+        # Only the communicator, never the ProcessGroup: torch.distributed owns its groups (see [Note: the adapter
+        # does not own the group] in csrc/tessera/comm/pg/pg_communicator.h).
         self.comm = comm
-        self.group = group
         self.strategy = strategy
         self.name = type(module).__name__
         self.num_trainable = sum(1 for p in params if p.requires_grad)

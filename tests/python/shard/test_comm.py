@@ -61,3 +61,25 @@ def _timeout(rank, world):
 
 def test_missing_rank_times_out_instead_of_hanging():
     run_ranks(2, _timeout)
+
+
+def _outlives_group(rank, world):
+    import weakref
+
+    model = tessera.shard(torch.nn.Linear(4, 4))
+    comm = _C.pg_communicator(dist.group.WORLD)
+    group = weakref.ref(dist.group.WORLD)
+    model(torch.ones(2, 4)).sum().backward()
+    dist.destroy_process_group()
+    # tessera keeps neither the Python group nor the C++ ProcessGroup alive: torch.distributed's destroy frees it
+    # (and gloo's threads are joined now, not at interpreter shutdown).
+    assert group() is None, "a sharded model must not keep its ProcessGroup alive"
+    with pytest.raises(tessera.StateError, match=r"process group of this communicator \(rank \d of 2, pg:gloo\) "
+                                                 r"was destroyed"):
+        comm.barrier(5.0)
+    with pytest.raises(tessera.StateError, match="was destroyed"):
+        model(torch.ones(2, 4))
+
+
+def test_model_does_not_keep_a_destroyed_group_alive():
+    run_ranks(2, _outlives_group)

@@ -54,13 +54,25 @@ class PgWork final : public Work {
 }  // namespace
 
 PgCommunicator::PgCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> group)
-    : group_(std::move(group)), rank_(group_->getRank()), size_(group_->getSize()) {}
+    : group_(group), name_("pg:" + group->getBackendName()), rank_(group->getRank()), size_(group->getSize()) {}
 
-std::string PgCommunicator::backend_name() const { return "pg:" + group_->getBackendName(); }
+std::string PgCommunicator::backend_name() const { return name_; }
+
+absl::StatusOr<c10::intrusive_ptr<c10d::ProcessGroup>> PgCommunicator::group() const {
+  c10::intrusive_ptr<c10d::ProcessGroup> group = group_.lock();
+  if (!group) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "the process group of this communicator (rank %d of %d, %s) was destroyed "
+        "(torch.distributed.destroy_process_group); create the model's sharding again with a live group",
+        rank_, size_, name_));
+  }
+  return group;
+}
 
 absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Collective> ops,
                                                             const CollectiveOptions& options) {
   for (const Collective& op : ops) TESSERA_RETURN_IF_ERROR(ValidateCollective(op, size_));
+  TESSERA_ASSIGN_OR_RETURN(c10::intrusive_ptr<c10d::ProcessGroup> group, group());
   const auto timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(options.timeout));
   std::vector<std::unique_ptr<Work>> works;
   works.reserve(ops.size());
@@ -77,14 +89,14 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
         case CollectiveKind::kAllGather: {
           c10d::AllgatherOptions o;
           o.timeout = timeout;
-          work = group_->_allgather_base(out, in, o);
+          work = group->_allgather_base(out, in, o);
           break;
         }
         case CollectiveKind::kReduceScatter: {
           c10d::ReduceScatterOptions o;
           o.reduceOp = c10d::ReduceOp::SUM;
           o.timeout = timeout;
-          work = group_->_reduce_scatter_base(out, in, o);
+          work = group->_reduce_scatter_base(out, in, o);
           if (op.op == ReduceOp::kAvg) divide_out = out;
           break;
         }
@@ -94,7 +106,7 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
           c10d::AllreduceOptions o;
           o.reduceOp = c10d::ReduceOp::SUM;
           o.timeout = timeout;
-          work = group_->allreduce(t, o);
+          work = group->allreduce(t, o);
           if (op.op == ReduceOp::kAvg) divide_out = out;
           break;
         }
@@ -104,7 +116,7 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
           c10d::BroadcastOptions o;
           o.rootRank = op.root;
           o.timeout = timeout;
-          work = group_->broadcast(t, o);
+          work = group->broadcast(t, o);
           break;
         }
       }
