@@ -50,7 +50,8 @@ def shard(
     """Shards `module`'s parameters (those not already managed by a sharded submodule) across `group`.
 
     Apply bottom-up: each block first, then the root. Afterwards `module.parameters()` yields this rank's local
-    shards (1-D tensors) and `module(x)` computes what the unsharded module computed.
+    shards (1-D tensors) and `module(x)` computes what the unsharded module computed. Activation checkpointing
+    (torch.utils.checkpoint, reentrant or not) may wrap the module before sharding or sit inside it.
     """
     if not isinstance(module, nn.Module):
         raise InvalidArgumentError(f"tessera.shard expects an nn.Module, got {type(module).__name__}")

@@ -230,6 +230,9 @@ class UnitRuntime:
         # A unit may run backward more than once per step (its forward ran twice): each pass reduces again.
         self._post_backward_done = False
         self.unshard()
+        # Backward may run this unit's forward again (activation checkpointing around the unit): the recomputation
+        # must see the full parameters, as FSDP2 does; post_backward swaps the shards back in.
+        self._use(sharded=False)
         prev = self._neighbour(-1)
         if prev is not None:
             prev.prefetch()
@@ -246,6 +249,7 @@ class UnitRuntime:
                 self.unit.start_reduce(grads, self._stream())
             for info in self.params[: self.num_trainable]:
                 info.full.grad = None
+        self._use(sharded=True)
         self.reshard()
 
     def _end_of_backward(self) -> None:
@@ -257,6 +261,7 @@ class UnitRuntime:
             for unit in state.units:
                 if unit.unit.reducing:
                     unit._accumulate(unit.unit.wait_reduce(unit._stream()))
+                unit._use(sharded=True)
                 unit.reshard()
                 unit._ran_forward = False
         finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 import tessera
 from models import loss_fn, make_batches, make_model
@@ -11,17 +13,35 @@ from models import loss_fn, make_batches, make_model
 GLOBAL_BATCH = 6  # divisible by 2 and 3 ranks
 
 
-def shard_model(model, strategy, mp=None):
-    for blk in model.blocks:
+class Checkpointed(nn.Module):
+    """Activation checkpointing around a block: its forward runs again during backward."""
+
+    def __init__(self, inner, reentrant):
+        super().__init__()
+        self.inner, self.reentrant = inner, reentrant
+
+    def forward(self, x):
+        return checkpoint(self.inner, x, use_reentrant=self.reentrant)
+
+
+def shard_model(model, strategy, mp=None, ac=None):
+    """Shards each block, then the root. ac=("outside" | "inside", reentrant) adds activation checkpointing: the
+    unit wraps the checkpointed block (torchtitan's order) or sits inside it (its hooks then run in the recompute)."""
+    for i, blk in enumerate(list(model.blocks)):
+        if ac is not None and ac[0] == "outside":
+            model.blocks[i] = blk = Checkpointed(blk, ac[1])
         tessera.shard(blk, strategy=strategy, mixed_precision=mp)
+        if ac is not None and ac[0] == "inside":
+            model.blocks[i] = Checkpointed(blk, ac[1])
     tessera.shard(model, strategy=strategy, mixed_precision=mp)
     return model
 
 
 def train_tessera(rank, world, *, strategy, steps=4, lr=1e-2, clip=None, optimizer="tessera", accum=1, mp=None,
-                  split_forward=False):
-    """Returns (per-step global losses, per-step grad norms, full_state_dict) from `world` gloo ranks."""
-    model = shard_model(make_model(), strategy, mp)
+                  split_forward=False, ac=None):
+    """Returns (per-step global losses, per-step grad norms, full_state_dict with the unwrapped model's keys) from
+    `world` gloo ranks."""
+    model = shard_model(make_model(), strategy, mp, ac)
     params = list(model.parameters())
     if optimizer == "tessera":
         opt = tessera.optim.AdamW(params, lr=lr, weight_decay=0.1)
@@ -49,7 +69,7 @@ def train_tessera(rank, world, *, strategy, steps=4, lr=1e-2, clip=None, optimiz
         model.zero_grad() if optimizer == "torch" else opt.zero_grad()
         dist.all_reduce(total)
         losses.append(total.item() / world)
-    return losses, norms, tessera.full_state_dict(model)
+    return losses, norms, {k.replace(".inner.", "."): v for k, v in tessera.full_state_dict(model).items()}
 
 
 def train_reference(*, steps=4, lr=1e-2, clip=None, accum=1, param_dtype=None):

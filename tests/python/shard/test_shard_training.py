@@ -43,6 +43,18 @@ def test_matches_single_process_with_clipping(tmp_path, world, strategy):
     _assert_state_close(state, ref_state, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("ac", [("outside", False), ("outside", True), ("inside", False), ("inside", True)],
+                         ids=lambda a: f"{a[0]}-{'reentrant' if a[1] else 'nonreentrant'}")
+def test_activation_checkpointing(tmp_path, ac):
+    # Each block's forward runs again in backward: it must see the full parameters, and its gradients must be
+    # reduced exactly once. ("outside" read the 1-D shards in the recompute before pre-backward swapped them out.)
+    losses, norms, state = _run(tmp_path, 2, strategy=S.FULL_SHARD, clip=0.5, ac=ac, steps=3)
+    ref_losses, ref_norms, ref_state = train_reference(clip=0.5, steps=3)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=1e-6)
+    _assert_state_close(state, ref_state, atol=2e-5, rtol=1e-4)
+
+
 def test_torch_optimizer_on_local_shards(tmp_path):
     # module.parameters() are ordinary tensors: an elementwise torch optimizer steps on them directly.
     losses, _, state = _run(tmp_path, 2, strategy=S.FULL_SHARD, optimizer="torch")
