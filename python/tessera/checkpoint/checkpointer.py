@@ -14,6 +14,7 @@ Format and commit protocol: docs/checkpoint_format.md.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import weakref
@@ -28,6 +29,26 @@ from tessera.checkpoint.state import Collected, collect_module, collect_optimize
 from tessera.errors import CheckpointError, InvalidArgumentError, TesseraError
 
 log = logging.getLogger("tessera.checkpoint")
+
+# Every live Checkpointer, for the exit hook below.
+_live: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_saves_at_exit() -> None:
+    """A save still in flight when the script ends is finished (committed, or its failure logged) before the
+    interpreter shuts down, while everything it needs is alive; otherwise its thread would be cut off or joined
+    somewhere inside interpreter teardown. (A process that ends with os._exit skips this: the save is then simply
+    not committed and the previous checkpoint stays the latest.)"""
+    for ckpt in list(_live):
+        pending = ckpt._pending
+        if pending is None or pending.done:
+            continue
+        log.warning("tessera checkpoint: finishing checkpoint step %d in %s before exit", pending.step, ckpt.root)
+        try:
+            pending.wait()
+        except CheckpointError as e:
+            log.error("tessera checkpoint: %s", e)
 
 
 class SaveHandle:
@@ -100,6 +121,7 @@ class Checkpointer:
         if self.rank == 0:
             self._writer.clean_stale()
         self._pending: SaveHandle | None = None
+        _live.add(self)
 
     @property
     def _group(self):
