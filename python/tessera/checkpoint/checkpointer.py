@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tessera import _C, knobs
-from tessera.checkpoint import fences, jsonio
+from tessera.checkpoint import extras, fences, jsonio
 from tessera.checkpoint.state import Collected, collect_module, collect_optimizer, restore_optimizer_json
 from tessera.errors import CheckpointError, InvalidArgumentError, TesseraError
 
@@ -235,8 +235,15 @@ class Checkpointer:
         rank_json = reader.rank_json
         rank_extra = (jsonio.loads(rank_json[self.rank], "checkpoint rank extras")
                       if self.rank < len(rank_json) else None)
+        global_extra = {k: extras.pieces_to_tensors(v, reader, saved) for k, v in global_extra.items()}
         collected, _, _ = self._collect(state, load=True, saved_names=set(saved))
         expected = {s.name: s for s in collected.slots}
+        buffers = {}
+        for key, value in state.items():
+            if isinstance(value, nn.Module):
+                buffers.update(extras.nonfloat_buffers(key, value))
+        saved_buffers = global_extra.get(extras.BUFFERS_KEY, {})
+        missing_buffers, mismatched_buffers = extras.check_buffers(buffers, saved_buffers)
         dtype_names = {s.name: str(s.dtype).removeprefix("torch.") for s in collected.slots}
         missing = sorted(n for n in expected if n not in saved)
         mismatched = sorted(f"{n}: checkpoint {tuple(saved[n][1])} {saved[n][0]}, model {expected[n].shape} "
@@ -245,6 +252,8 @@ class Checkpointer:
         keys = {k for k, v in state.items() if isinstance(v, (nn.Module, torch.optim.Optimizer))}
         unexpected = sorted(n for n in saved if n not in expected and n.split("/", 1)[0] in keys
                             and not _is_optimizer_name(n, state))
+        missing += missing_buffers
+        mismatched += mismatched_buffers
         if missing or mismatched or unexpected:
             raise CheckpointError(
                 "checkpoint does not match the state being loaded: "
@@ -264,6 +273,7 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint has no entry '{key}' (it has {sorted(global_extra)})")
 
         def finish():
+            extras.restore_buffers(buffers, saved_buffers)
             for key, value in state.items():
                 if isinstance(value, nn.Module):
                     continue
@@ -294,6 +304,10 @@ class Checkpointer:
                 raise InvalidArgumentError(f"Checkpointer: state key {key!r} must be a str without '/'")
             if isinstance(value, nn.Module):
                 collect_module(key, value, self.rank, self.world, collected)
+                if not load:
+                    buffers = extras.nonfloat_buffers(key, value)
+                    if buffers:
+                        global_extra.setdefault(extras.BUFFERS_KEY, {}).update(extras.save_buffers(buffers))
         for key, value in state.items():
             if isinstance(value, nn.Module):
                 continue
@@ -304,9 +318,9 @@ class Checkpointer:
             elif getattr(value, "per_rank", False):
                 rank_extra[key] = value.state_dict()
             elif isinstance(value, dict):
-                global_extra[key] = dict(value)
+                global_extra[key] = extras.tensors_to_pieces(key, dict(value), self.rank, collected)
             elif hasattr(value, "state_dict") and hasattr(value, "load_state_dict"):
-                global_extra[key] = value.state_dict()
+                global_extra[key] = extras.tensors_to_pieces(key, value.state_dict(), self.rank, collected)
             else:
                 raise InvalidArgumentError(
                     f"Checkpointer: state['{key}'] is a {type(value).__name__}; expected an nn.Module, an optimizer, "

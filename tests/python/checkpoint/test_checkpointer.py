@@ -285,3 +285,68 @@ def test_save_in_flight_at_exit_is_committed(tmp_path):
         got = torch.empty(v.numel())
         reader.read(f"model/{k}", 0, got)
         assert torch.equal(got, v.reshape(-1)), k
+
+
+def test_tensors_in_plain_dicts_are_data_pieces_captured_at_save(tmp_path, single_rank_group):
+    root = str(tmp_path / "ckpt")
+    g = torch.Generator().manual_seed(5)
+    ema = {"w": torch.randn(1 << 20, generator=g), "meta": {"count": torch.tensor(3), "mix": [
+        torch.randn(3, generator=g).to(torch.bfloat16), 1.5]}, "pair": (torch.arange(4.0), "x")}
+    want = {"w": ema["w"].clone(), "count": ema["meta"]["count"].clone(), "mix": ema["meta"]["mix"][0].clone()}
+    model = tessera.shard(nn.Linear(4, 3))
+    handle = tessera.checkpoint.Checkpointer(root).save(1, {"model": model, "ema": ema})
+    ema["w"].add_(1.0)  # changed right after save(): the checkpoint holds the values at the call
+    ema["meta"]["mix"][0].zero_()
+    handle.wait()
+    reader = tessera._C.CheckpointReader(root, 1)
+    # The 4 MB tensor is a checksummed piece of the data file, not base64 text in the manifest.
+    assert {"ema/w", "ema/meta.mix[0]", "ema/pair[0]"} <= set(reader.tensors), sorted(reader.tensors)
+    assert os.path.getsize(os.path.join(root, "step-0000000001", "manifest.json")) < 64 * 1024
+    fresh = {"stale": 1}
+    tessera.checkpoint.Checkpointer(root).load(1, {"model": model, "ema": fresh})
+    assert sorted(fresh) == ["meta", "pair", "w"]
+    assert torch.equal(fresh["w"], want["w"])
+    assert fresh["meta"]["count"].dtype == torch.int64 and fresh["meta"]["count"].item() == 3  # stays JSON
+    assert fresh["meta"]["mix"][0].dtype == torch.bfloat16 and torch.equal(fresh["meta"]["mix"][0], want["mix"])
+    assert fresh["meta"]["mix"][1] == 1.5
+    assert isinstance(fresh["pair"], tuple) and torch.equal(fresh["pair"][0], torch.arange(4.0))
+
+
+class _WithIntBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)  # num_batches_tracked: int64
+        self.register_buffer("ids", torch.arange(5))
+        self.register_buffer("mask", torch.tensor([True, False, True]))
+
+    def forward(self, x):
+        return self.bn(self.lin(x))
+
+
+def test_non_floating_module_buffers_round_trip(tmp_path, single_rank_group):
+    root = str(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    model = tessera.shard(_WithIntBuffers())
+    for _ in range(3):
+        model(torch.randn(6, 4)).sum().backward()
+    assert model.bn.num_batches_tracked.item() == 3
+    ckpt = tessera.checkpoint.Checkpointer(root)
+    ckpt.save(1, {"model": model}).wait()
+    running = model.bn.running_mean.clone()
+    with torch.no_grad():
+        model.bn.num_batches_tracked.zero_()
+        model.ids.zero_()
+        model.mask.zero_()
+        model.bn.running_mean.zero_()
+    ckpt.load(1, {"model": model})
+    assert model.bn.num_batches_tracked.item() == 3
+    assert torch.equal(model.ids, torch.arange(5)) and model.mask.tolist() == [True, False, True]
+    assert torch.equal(model.bn.running_mean, running)
+    # A checkpoint without them cannot silently leave them as they are.
+    plain_root = str(tmp_path / "plain")
+    tessera.checkpoint.Checkpointer(plain_root).save(1, {"model": tessera.shard(nn.Sequential(nn.Linear(4, 4)))}).wait()
+    other = tessera.shard(nn.Sequential(nn.Linear(4, 4)))
+    other.register_buffer("ids", torch.arange(5))
+    with pytest.raises(tessera.CheckpointError, match=r"missing from checkpoint: \['model/ids'\]"):
+        tessera.checkpoint.Checkpointer(plain_root).load(1, {"model": other})
