@@ -100,15 +100,22 @@ class Checkpointer:
         # while Python is alive (see [Note: the adapter does not own the group] in comm/pg/pg_communicator.h).
         group = dist.new_group(backend="gloo") if self.world > 1 else None
         self._group_ref = weakref.ref(group) if group is not None else None
+        new_writer = lambda: _C.CheckpointWriter(  # noqa: E731
+            self.root, threads=threads, commit_timeout_s=timeout, keep_last=keep_last)
         if self.rank == 0:
             try:
                 os.makedirs(self.root, exist_ok=True)
             except OSError as e:
                 raise CheckpointError(f"cannot create checkpoint directory {self.root}: {e.strerror}") from None
+            self._writer = new_writer()
+            # Leftovers of crashed saves go before the barrier: after it, another rank may already be writing
+            # into the next step's .tmp directory (clean_stale after the barrier deleted a rank's data file).
+            self._writer.clean_stale()
         if group is not None:
             dist.barrier(group=group)
         del group
-        self._writer = _C.CheckpointWriter(self.root, threads=threads, commit_timeout_s=timeout, keep_last=keep_last)
+        if self.rank != 0:
+            self._writer = new_writer()
         # Fault injection (tests): "POINT[@STEP][#RANK]" kills this process at POINT of the save of STEP.
         self._crash_writer, self._crash_step = None, None
         if k.checkpoint_crash_point:
@@ -118,8 +125,6 @@ class Checkpointer:
                 self._crash_step = int(step_s) if step_s else None
                 self._crash_writer = _C.CheckpointWriter(self.root, threads=threads, commit_timeout_s=timeout,
                                                          keep_last=keep_last, crash_point=point)
-        if self.rank == 0:
-            self._writer.clean_stale()
         self._pending: SaveHandle | None = None
         _live.add(self)
 
