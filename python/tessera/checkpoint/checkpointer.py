@@ -100,8 +100,8 @@ class Checkpointer:
         # while Python is alive (see [Note: the adapter does not own the group] in comm/pg/pg_communicator.h).
         group = dist.new_group(backend="gloo") if self.world > 1 else None
         self._group_ref = weakref.ref(group) if group is not None else None
-        new_writer = lambda: _C.CheckpointWriter(  # noqa: E731
-            self.root, threads=threads, commit_timeout_s=timeout, keep_last=keep_last)
+        new_writer = lambda **kw: _C.CheckpointWriter(  # noqa: E731
+            self.root, threads=threads, commit_timeout_s=timeout, keep_last=keep_last, **kw)
         if self.rank == 0:
             try:
                 os.makedirs(self.root, exist_ok=True)
@@ -123,8 +123,7 @@ class Checkpointer:
             step_s, _, rank_s = rest.partition("#")
             if not rank_s or int(rank_s) == self.rank:
                 self._crash_step = int(step_s) if step_s else None
-                self._crash_writer = _C.CheckpointWriter(self.root, threads=threads, commit_timeout_s=timeout,
-                                                         keep_last=keep_last, crash_point=point)
+                self._crash_writer = new_writer(crash_point=point)
         self._pending: SaveHandle | None = None
         _live.add(self)
 
@@ -243,10 +242,7 @@ class Checkpointer:
         global_extra = {k: extras.pieces_to_tensors(v, reader, saved) for k, v in global_extra.items()}
         collected, _, _ = self._collect(state, load=True, saved_names=set(saved))
         expected = {s.name: s for s in collected.slots}
-        buffers = {}
-        for key, value in state.items():
-            if isinstance(value, nn.Module):
-                buffers.update(extras.nonfloat_buffers(key, value))
+        buffers = collected.nonfloat_buffers
         saved_buffers = global_extra.get(extras.BUFFERS_KEY, {})
         missing_buffers, mismatched_buffers = extras.check_buffers(buffers, saved_buffers)
         dtype_names = {s.name: str(s.dtype).removeprefix("torch.") for s in collected.slots}
@@ -309,10 +305,8 @@ class Checkpointer:
                 raise InvalidArgumentError(f"Checkpointer: state key {key!r} must be a str without '/'")
             if isinstance(value, nn.Module):
                 collect_module(key, value, self.rank, self.world, collected)
-                if not load:
-                    buffers = extras.nonfloat_buffers(key, value)
-                    if buffers:
-                        global_extra.setdefault(extras.BUFFERS_KEY, {}).update(extras.save_buffers(buffers))
+        if collected.nonfloat_buffers and not load:
+            global_extra[extras.BUFFERS_KEY] = extras.save_buffers(collected.nonfloat_buffers)
         for key, value in state.items():
             if isinstance(value, nn.Module):
                 continue

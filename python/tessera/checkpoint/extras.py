@@ -17,7 +17,6 @@ keys never contain "/"), checked against the model and restored on load like eve
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from tessera.checkpoint.state import Collected, Slot
 from tessera.errors import CheckpointError, InvalidArgumentError
@@ -74,17 +73,6 @@ def pieces_to_tensors(obj, reader, saved: dict):
     if isinstance(obj, tuple):
         return tuple(pieces_to_tensors(v, reader, saved) for v in obj)
     return obj
-
-
-def is_extras_piece(name: str, extras_keys: set[str]) -> bool:
-    return name.split("/", 1)[0] in extras_keys
-
-
-def nonfloat_buffers(key: str, module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's persistent buffers that are not floating-point, by checkpoint name."""
-    state_keys = set(module.state_dict().keys())
-    return {f"{key}/{name}": b for name, b in module.named_buffers()
-            if name in state_keys and not b.is_floating_point()}
 
 
 def save_buffers(buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

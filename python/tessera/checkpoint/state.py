@@ -83,6 +83,9 @@ def _copy_into(dst: torch.Tensor) -> Callable[[torch.Tensor], None]:
 class Collected:
     slots: list[Slot] = field(default_factory=list)
     places: dict[int, ParamPlace] = field(default_factory=dict)  # id(parameter) -> where it lives
+    # Persistent module buffers that are not floating-point, by checkpoint name: JSON, not pieces (see
+    # [Note: tensors in extras] in extras.py).
+    nonfloat_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def collect_module(key: str, module: nn.Module, rank: int, world: int, out: Collected) -> None:
@@ -116,9 +119,13 @@ def collect_module(key: str, module: nn.Module, rank: int, world: int, out: Coll
         out.places[id(p)] = place
         out.slots.append(_slot_for(place, place.name, p))
     for name, b in module.named_buffers():
-        if name in state_keys and b.is_floating_point():
-            place = ParamPlace(f"{key}/{name}", None, 0, b.numel() if rank == 0 else 0, 0, b.numel(), tuple(b.shape))
-            out.slots.append(_slot_for(place, place.name, b))
+        if name not in state_keys:
+            continue
+        if not b.is_floating_point():
+            out.nonfloat_buffers[f"{key}/{name}"] = b
+            continue
+        place = ParamPlace(f"{key}/{name}", None, 0, b.numel() if rank == 0 else 0, 0, b.numel(), tuple(b.shape))
+        out.slots.append(_slot_for(place, place.name, b))
 
 
 def _slot_for(place: ParamPlace, name: str, local: torch.Tensor) -> Slot:

@@ -261,7 +261,6 @@ class UnitRuntime:
             for unit in state.units:
                 if unit.unit.reducing:
                     unit._accumulate(unit.unit.wait_reduce(unit._stream()))
-                unit._use(sharded=True)
                 unit.reshard()
                 unit._ran_forward = False
         finally:
