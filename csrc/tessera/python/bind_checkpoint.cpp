@@ -25,12 +25,6 @@ struct PySaveHandle {
   }
 };
 
-template <typename F>
-absl::Status NoGil(F&& f) {
-  py::gil_scoped_release release;
-  return f();
-}
-
 std::shared_ptr<checkpoint::Storage> Local(const std::string& root) {
   return ValueOrThrow(checkpoint::NewLocalStorage(root));
 }

@@ -35,65 +35,33 @@ void BindShard(py::module_& m) {
       .def_property_readonly("trainable_shard_numel", &Unit::trainable_shard_numel)
       .def_property_readonly("full_aliases_shard", &Unit::full_aliases_shard)
       .def_property_readonly("reducing", &Unit::reducing)
+      .def_property_readonly("gathers_started", &Unit::gathers_started)
+      .def_property_readonly("gathers_discarded", &Unit::gathers_discarded)
       .def_property_readonly("sharded_params", &Unit::sharded_params)
       .def_property_readonly("sharded_grads", &Unit::sharded_grads)
       .def_property_readonly("full_params", &Unit::full_params)
       .def_property_readonly("flat_shard", &Unit::flat_shard)
       .def_property_readonly("flat_grad_shard", &Unit::flat_grad_shard)
       .def("shard_offset", [](const Unit& u, int64_t i) { return u.plan().slot(i).shard_offset; })
-      .def("start_unshard",
-           [](Unit& u, uintptr_t stream) {
-             absl::Status s;
-             {
-               py::gil_scoped_release release;
-               s = u.StartUnshard(stream);
-             }
-             ThrowIfError(s);
-           },
+      // Each of these may wait for a collective: see [Note: never wait on a collective holding the GIL].
+      .def("start_unshard", [](Unit& u, uintptr_t stream) { ThrowIfError(NoGil([&] { return u.StartUnshard(stream); })); },
            py::arg("stream") = 0)
-      .def("wait_unshard",
-           [](Unit& u, uintptr_t stream) {
-             absl::Status s;
-             {
-               py::gil_scoped_release release;
-               s = u.WaitUnshard(stream);
-             }
-             ThrowIfError(s);
-           },
+      .def("wait_unshard", [](Unit& u, uintptr_t stream) { ThrowIfError(NoGil([&] { return u.WaitUnshard(stream); })); },
            py::arg("stream") = 0)
-      .def("reshard", [](Unit& u) { ThrowIfError(u.Reshard()); })
+      .def("reshard", [](Unit& u) { ThrowIfError(NoGil([&] { return u.Reshard(); })); })
       .def("start_reduce",
            [](Unit& u, const std::vector<std::optional<at::Tensor>>& grads, uintptr_t stream) {
              std::vector<at::Tensor> g;
              g.reserve(grads.size());
              for (const auto& t : grads) g.push_back(t.has_value() ? *t : at::Tensor());
-             absl::Status s;
-             {
-               py::gil_scoped_release release;
-               s = u.StartReduce(g, stream);
-             }
-             ThrowIfError(s);
+             ThrowIfError(NoGil([&] { return u.StartReduce(g, stream); }));
            },
            py::arg("grads"), py::arg("stream") = 0)
-      .def("wait_reduce",
-           [](Unit& u, uintptr_t stream) {
-             absl::StatusOr<at::Tensor> r;
-             {
-               py::gil_scoped_release release;
-               r = u.WaitReduce(stream);
-             }
-             return ValueOrThrow(std::move(r));
-           },
+      .def("wait_reduce", [](Unit& u, uintptr_t stream) { return ValueOrThrow(NoGil([&] { return u.WaitReduce(stream); })); },
            py::arg("stream") = 0)
-      .def("load_full_param", [](Unit& u, int64_t i, const at::Tensor& t) { ThrowIfError(u.LoadFullParam(i, t)); })
-      .def("gather_full", [](Unit& u) {
-        absl::StatusOr<std::vector<at::Tensor>> r;
-        {
-          py::gil_scoped_release release;
-          r = u.GatherFull();
-        }
-        return ValueOrThrow(std::move(r));
-      });
+      .def("load_full_param",
+           [](Unit& u, int64_t i, const at::Tensor& t) { ThrowIfError(NoGil([&] { return u.LoadFullParam(i, t); })); })
+      .def("gather_full", [](Unit& u) { return ValueOrThrow(NoGil([&] { return u.GatherFull(); })); });
 }
 
 }  // namespace tessera::python

@@ -146,6 +146,7 @@ absl::Status Unit::StartUnshard(uintptr_t stream) {
     gather_work_ = std::move(work).value();
   }
   state_ = shard::UnitState::kUnsharding;
+  ++gathers_started_;
   return absl::OkStatus();
 }
 
@@ -178,6 +179,7 @@ absl::Status Unit::Reshard() {
     gather_work_.reset();
     gather_in_ = gather_out_ = at::Tensor();
     state_ = shard::UnitState::kSharded;
+    ++gathers_discarded_;
     return WithContext(waited, options_.name + ": reshard");
   }
   ResizeStorage(full_flat_, 0);

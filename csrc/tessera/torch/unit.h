@@ -63,6 +63,10 @@ class Unit {
   absl::Status WaitUnshard(uintptr_t stream = 0);
   // Frees the unsharded storage (autograd's saved references see it again after the next unshard).
   absl::Status Reshard();
+  // All-gathers issued so far, and how many of them were freed by Reshard() before any WaitUnshard() used them
+  // (a prefetch nobody needed): the runtime's schedule is checked against these.
+  int64_t gathers_started() const { return gathers_started_; }
+  int64_t gathers_discarded() const { return gathers_discarded_; }
 
   // Copies in the trainable parameters' full gradients (undefined = zero), pre-divided by the group size, and
   // issues the reduce-scatter (all-reduce for NO_SHARD).
@@ -99,6 +103,8 @@ class Unit {
   std::vector<at::Tensor> sharded_params_, sharded_grads_, full_params_;
 
   shard::UnitState state_ = shard::UnitState::kSharded;
+  int64_t gathers_started_ = 0;
+  int64_t gathers_discarded_ = 0;
   at::Tensor gather_in_, gather_out_;
   std::unique_ptr<comm::Work> gather_work_;
 

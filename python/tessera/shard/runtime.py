@@ -11,6 +11,12 @@ The C++ `_C.Unit` does the work (all-gather + copy-out, copy-in + reduce-scatter
   end of backward (a callback queued on the autograd engine) wait for every reduce-scatter and accumulate the
                  results into the sharded gradients, so the optimizer steps on local shards.
 
+[Note: activation checkpointing] Checkpointing runs a unit's forward again inside backward. Non-reentrant
+checkpointing does it after the unit's pre-backward hook ran: the parameters are gathered already, and post-backward
+will reduce and reshard, so the recomputed forward only puts the full parameters on the module (FSDP2 does the same).
+Reentrant checkpointing ran the first forward without grad, so its recomputation takes the normal path but neither
+prefetches the next unit (whose backward is over) nor reshards (this unit's backward follows at once).
+
 [Note: root unit] The outermost unit whose forward runs first is the root. It records the order units run in
 (used for prefetching), queues the end-of-backward callback, and keeps its own parameters unsharded between
 forward and backward, since its backward starts right after its forward ends.
@@ -29,6 +35,11 @@ from tessera import _C
 
 _UNIT_ATTR = "_tessera_unit"
 _PARAM_ATTR = "_tessera_unit"
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward on this thread (a forward now is a checkpointing recomputation)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def unit_of(module: nn.Module) -> "UnitRuntime | None":
@@ -57,6 +68,21 @@ class _RootState:
         self.units: list[UnitRuntime] = []
         self.forward_order: list[UnitRuntime] = []
         self.order_recorded = False
+        self.in_backward = False
+
+    def abandon_backward(self) -> None:
+        """A backward raised before its end (the end-of-backward callback never ran): drop what it left behind (its
+        reductions, partial gradients, gathered parameters) so the next backward starts clean. Called from the next
+        forward. A failure on some ranks only leaves the others blocked in a collective: they time out
+        (CommTimeoutError) like any group with a rank that stopped."""
+        for unit in self.units:
+            if unit.unit.reducing:
+                unit.unit.wait_reduce(unit._stream())  # its result is dropped: the gradients are incomplete
+            for info in unit.params:
+                info.full.grad = None
+            unit._use(sharded=True)
+            unit.reshard()
+            unit._in_pre_backward = unit._post_backward_done = unit._ran_forward = False
         self.in_backward = False
 
 
@@ -108,6 +134,7 @@ class UnitRuntime:
         self.root_state: _RootState | None = None
         self._post_backward_done = False
         self._ran_forward = False
+        self._in_pre_backward = False  # between this unit's pre-backward and post-backward
 
     # ---- installation ----------------------------------------------------------------------------------------
 
@@ -171,12 +198,19 @@ class UnitRuntime:
         state = self.root_state
         if state is None:  # the first unit to run a forward is the outermost one: the root
             state = self._lazy_root_init()
+        recompute = _in_backward()
+        if state.root is self and state.in_backward and not recompute:
+            state.abandon_backward()
+        if self._in_pre_backward:  # see [Note: activation checkpointing]
+            self.unshard()
+            self._use(sharded=False)
+            return args, kwargs
         if not state.order_recorded:
             state.forward_order.append(self)
         self._ran_forward = True
         self._post_backward_done = False
         self.unshard()
-        if state.order_recorded:
+        if state.order_recorded and not recompute:
             nxt = self._neighbour(+1)
             if nxt is not None:
                 nxt.prefetch()
@@ -192,10 +226,12 @@ class UnitRuntime:
         return args, kwargs
 
     def _post_forward(self, module, args, kwargs, output):
+        if self._in_pre_backward:  # see [Note: activation checkpointing]
+            return output
         self._use(sharded=True)
         state = self.root_state
         grad = torch.is_grad_enabled()
-        if not grad or (self.reshard_after_forward and not self._is_last_in_forward()):
+        if not grad or (self.reshard_after_forward and not self._is_last_in_forward() and not _in_backward()):
             self.reshard()
         if grad:
             tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -229,6 +265,7 @@ class UnitRuntime:
             torch.autograd.Variable._execution_engine.queue_callback(state.root._end_of_backward)
         # A unit may run backward more than once per step (its forward ran twice): each pass reduces again.
         self._post_backward_done = False
+        self._in_pre_backward = True
         self.unshard()
         # Backward may run this unit's forward again (activation checkpointing around the unit): the recomputation
         # must see the full parameters, as FSDP2 does; post_backward swaps the shards back in.
@@ -241,6 +278,7 @@ class UnitRuntime:
         if self._post_backward_done:
             return
         self._post_backward_done = True
+        self._in_pre_backward = False
         if self.num_trainable and self.requires_grad_sync:
             grads = [info.full.grad for info in self.params[: self.num_trainable]]
             if any(g is not None for g in grads):
@@ -263,6 +301,7 @@ class UnitRuntime:
                     unit._accumulate(unit.unit.wait_reduce(unit._stream()))
                 unit.reshard()
                 unit._ran_forward = False
+                unit._in_pre_backward = False
         finally:
             state.in_backward = False
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 import tessera
+from tessera.shard.runtime import unit_of
 from models import loss_fn, make_batches, make_model
 
 GLOBAL_BATCH = 6  # divisible by 2 and 3 ranks
@@ -38,9 +39,9 @@ def shard_model(model, strategy, mp=None, ac=None):
 
 
 def train_tessera(rank, world, *, strategy, steps=4, lr=1e-2, clip=None, optimizer="tessera", accum=1, mp=None,
-                  split_forward=False, ac=None):
+                  split_forward=False, ac=None, counts=False, fail_first_backward=False):
     """Returns (per-step global losses, per-step grad norms, full_state_dict with the unwrapped model's keys) from
-    `world` gloo ranks."""
+    `world` gloo ranks; with counts, also each unit's (all-gathers started, all-gathers discarded unused)."""
     model = shard_model(make_model(), strategy, mp, ac)
     params = list(model.parameters())
     if optimizer == "tessera":
@@ -48,6 +49,8 @@ def train_tessera(rank, world, *, strategy, steps=4, lr=1e-2, clip=None, optimiz
     else:
         opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=0.1, foreach=False)
     per = GLOBAL_BATCH // world
+    if fail_first_backward:
+        _backward_that_raises(model, per)
     losses, norms = [], []
     for x, y in make_batches(steps, GLOBAL_BATCH * accum):
         total = torch.zeros(())
@@ -69,7 +72,33 @@ def train_tessera(rank, world, *, strategy, steps=4, lr=1e-2, clip=None, optimiz
         model.zero_grad() if optimizer == "torch" else opt.zero_grad()
         dist.all_reduce(total)
         losses.append(total.item() / world)
-    return losses, norms, {k.replace(".inner.", "."): v for k, v in tessera.full_state_dict(model).items()}
+    state = {k.replace(".inner.", "."): v for k, v in tessera.full_state_dict(model).items()}
+    if counts:
+        units = [unit_of(m).unit for m in model.modules() if unit_of(m) is not None]
+        return losses, norms, state, [(u.gathers_started, u.gathers_discarded) for u in units]
+    return losses, norms, state
+
+
+def _backward_that_raises(model, per):
+    """A backward that raises half-way (after the last block reduced, before the first block's backward): the
+    training that follows must not see anything it left behind."""
+    x, y = make_batches(1, GLOBAL_BATCH, seed=99)[0]
+
+    def boom(_grad):
+        raise RuntimeError("boom in backward")
+
+    def hook_output(_mod, _args, out):
+        out.register_hook(boom)
+
+    handle = model.blocks[0].register_forward_hook(hook_output)
+    loss = loss_fn(model, x[:per], y[:per])
+    handle.remove()
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        assert "boom in backward" in str(e), e
+    else:
+        raise AssertionError("the backward did not raise")
 
 
 def train_reference(*, steps=4, lr=1e-2, clip=None, accum=1, param_dtype=None):

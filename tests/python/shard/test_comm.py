@@ -83,3 +83,23 @@ def _outlives_group(rank, world):
 
 def test_model_does_not_keep_a_destroyed_group_alive():
     run_ranks(2, _outlives_group)
+
+
+def _wait_under_saved_tensor_hooks(rank, world):
+    # [Note: never wait on a collective holding the GIL] (csrc/tessera/python/status_py.h): a collective issued under
+    # saved_tensors_hooks carries Python objects in its thread-local state, and gloo's worker thread takes the GIL
+    # to install them. A binding that waits holding the GIL then deadlocks (CI: reshard timed out after 600 s).
+    comm = _C.pg_communicator(dist.group.WORLD)
+    unit = _C.Unit(comm, [torch.randn(64, 33)], ["w"], 1, name="Block", timeout_s=10.0)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        for _ in range(50):
+            unit.start_unshard()
+            unit.reshard()  # waits for the all-gather in flight, then frees it
+            unit.start_unshard()
+            unit.wait_unshard()
+            unit.reshard()
+    assert unit.state == "sharded"
+
+
+def test_unit_waits_release_the_gil():
+    run_ranks(2, _wait_under_saved_tensor_hooks)

@@ -43,15 +43,38 @@ def test_matches_single_process_with_clipping(tmp_path, world, strategy):
     _assert_state_close(state, ref_state, atol=2e-5, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def gathers_without_checkpointing(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("plain"), 2, strategy=S.FULL_SHARD, clip=0.5, steps=3, counts=True)[3]
+
+
 @pytest.mark.parametrize("ac", [("outside", False), ("outside", True), ("inside", False), ("inside", True)],
                          ids=lambda a: f"{a[0]}-{'reentrant' if a[1] else 'nonreentrant'}")
-def test_activation_checkpointing(tmp_path, ac):
+def test_activation_checkpointing(tmp_path, ac, gathers_without_checkpointing):
     # Each block's forward runs again in backward: it must see the full parameters, and its gradients must be
     # reduced exactly once. ("outside" read the 1-D shards in the recompute before pre-backward swapped them out.)
-    losses, norms, state = _run(tmp_path, 2, strategy=S.FULL_SHARD, clip=0.5, ac=ac, steps=3)
-    ref_losses, ref_norms, ref_state = train_reference(clip=0.5, steps=3)
+    steps = 3
+    losses, norms, state, gathers = _run(tmp_path, 2, strategy=S.FULL_SHARD, clip=0.5, ac=ac, steps=steps,
+                                         counts=True)
+    ref_losses, ref_norms, ref_state = train_reference(clip=0.5, steps=steps)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=1e-6)
+    _assert_state_close(state, ref_state, atol=2e-5, rtol=1e-4)
+    # The recomputation gathers nothing extra: it neither prefetches a unit whose backward is over (those all-gathers
+    # were discarded unused, and one issued under checkpointing's saved-tensor hooks once deadlocked CI) nor
+    # reshards before its own backward. Units in model.modules() order: root, then blocks.
+    want = list(gathers_without_checkpointing)
+    if ac == ("inside", True):  # reentrant: the last block's forward runs without grad and frees its parameters,
+        want[-1] = (2 * steps, 0)  # so it gathers twice every step (plain training keeps them from step 2 on)
+    assert gathers == want
+
+
+def test_training_after_a_backward_that_raised(tmp_path):
+    # The failed backward left a reduction in flight, gradients on the full parameters and gathered units; the next
+    # forward drops them, so training then matches a run that never had the failure.
+    losses, _, state = _run(tmp_path, 2, strategy=S.FULL_SHARD, fail_first_backward=True, steps=3)
+    ref_losses, _, ref_state = train_reference(steps=3)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
     _assert_state_close(state, ref_state, atol=2e-5, rtol=1e-4)
 
 
