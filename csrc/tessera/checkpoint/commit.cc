@@ -6,6 +6,8 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -19,6 +21,9 @@ namespace tessera::checkpoint::internal {
 namespace {
 
 constexpr absl::Duration kPollInterval = absl::Milliseconds(10);
+// "commit-failed-<attempt>", holding rank 0's error: see [Note: commit failure report] in commit.h.
+constexpr char kFailureReportPrefix[] = "commit-failed-";
+std::string FailureReportName(int64_t attempt) { return absl::StrCat(kFailureReportPrefix, attempt); }
 
 std::string Join(const std::string& dir, const std::string& name) { return absl::StrCat(dir, "/", name); }
 
@@ -34,6 +39,10 @@ std::vector<PieceKey> PiecesOfFile(const std::vector<TensorEntry>& tensors, int3
   std::sort(out.begin(), out.end());
   return out;
 }
+
+// Steps 1-3 of the commit: every index of this attempt, merged into the manifest, and the rename.
+absl::Status MergeAndRename(Storage& storage, int64_t step, int32_t world_size, int64_t attempt,
+                            absl::Duration timeout, const std::string& crash_point, std::string* replaced);
 
 }  // namespace
 
@@ -54,38 +63,90 @@ int64_t ParseStepDirName(const std::string& name) {
   return step;
 }
 
-absl::Status CommitAsRankZero(Storage& storage, int64_t step, int32_t world_size, absl::Duration timeout,
-                              int keep_last, const std::string& crash_point) {
+absl::Status CommitAsRankZero(Storage& storage, int64_t step, int32_t world_size, int64_t attempt,
+                              absl::Duration timeout, int keep_last, const std::string& crash_point) {
+  const std::string final_dir = StepDirName(step);
+  std::string replaced;
+  absl::Status committed = MergeAndRename(storage, step, world_size, attempt, timeout, crash_point, &replaced);
+  if (!committed.ok()) {
+    ReportCommitFailure(storage, step, attempt, world_size, committed);
+    return committed;
+  }
+
+  // 4. Housekeeping after the commit: its failures are reported, but the checkpoint is committed and loadable.
+  absl::Status after = storage.WriteAtomically("latest", absl::StrCat(step, "\n"));
+  if (after.ok() && !replaced.empty()) after = storage.RemoveAll(replaced);
+  if (after.ok()) after = ApplyRetention(storage, keep_last, step);
+  if (!after.ok()) {
+    return WithContext(after, absl::StrFormat("step %d is committed in %s, but updating latest/retention failed", step,
+                                              storage.Describe(final_dir)));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+absl::Status MergeAndRename(Storage& storage, int64_t step, int32_t world_size, int64_t attempt,
+                            absl::Duration timeout, const std::string& crash_point, std::string* replaced) {
   const std::string tmp = TmpStepDirName(step);
   const std::string final_dir = StepDirName(step);
 
-  // 1. Every rank's index present (each one is written atomically after its data file is durable).
-  std::vector<int32_t> missing;
+  // 1. Every rank's index of this attempt (each is written atomically after its data file is durable). One of an
+  //    earlier attempt at this step is a failed save's leftover: its rank removes it before writing its new data.
+  std::vector<std::optional<RankIndex>> found(world_size);
+  std::vector<int32_t> missing, stale;
   for (int32_t r = 0; r < world_size; ++r) missing.push_back(r);
   const absl::Time deadline = absl::Now() + timeout;
   for (;;) {
     std::vector<int32_t> still;
+    stale.clear();
     for (int32_t r : missing) {
-      TESSERA_ASSIGN_OR_RETURN(bool exists, storage.Exists(Join(tmp, RankIndexName(r))));
-      if (!exists) still.push_back(r);
+      const std::string path = Join(tmp, RankIndexName(r));
+      TESSERA_ASSIGN_OR_RETURN(bool exists, storage.Exists(path));
+      absl::StatusOr<std::string> text = exists ? storage.ReadAll(path) : absl::NotFoundError(path);
+      if (absl::IsNotFound(text.status())) {  // also: removed between Exists and ReadAll
+        still.push_back(r);
+        continue;
+      }
+      TESSERA_RETURN_IF_ERROR(text.status());
+      TESSERA_ASSIGN_OR_RETURN(RankIndex idx, ParseRankIndex(*text, storage.Describe(path)));
+      if (idx.attempt < attempt) {
+        stale.push_back(r);
+        still.push_back(r);
+      } else if (idx.attempt > attempt) {
+        return absl::FailedPreconditionError(absl::StrFormat(
+            "step %d: rank %d's index in %s is from save attempt %d, rank 0 is at attempt %d: the ranks' saves are "
+            "out of step (every rank must save every step, in the same order)",
+            step, r, storage.Describe(tmp), idx.attempt, attempt));
+      } else {
+        found[r] = std::move(idx);
+      }
     }
     missing.swap(still);
     if (missing.empty()) break;
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(absl::StrFormat(
           "step %d: commit timed out after %s waiting for the index of rank(s) [%s] of %d in %s (did a rank fail or "
-          "not call save?)",
-          step, absl::FormatDuration(timeout), absl::StrJoin(missing, ", "), world_size, storage.Describe(tmp)));
+          "not call save?)%s",
+          step, absl::FormatDuration(timeout), absl::StrJoin(missing, ", "), world_size, storage.Describe(tmp),
+          stale.empty() ? "" : absl::StrFormat("; rank(s) [%s] left only an index of an earlier failed save",
+                                               absl::StrJoin(stale, ", "))));
     }
     absl::SleepFor(kPollInterval);
   }
 
-  // 2. Read and check every index against its data file, merge into the manifest.
+  // Every rank wrote this attempt's index, so none still waits on an earlier attempt: the reports of earlier failed
+  // attempts can go (they must not be renamed into the committed directory).
+  TESSERA_ASSIGN_OR_RETURN(std::vector<std::string> names, storage.List(tmp));
+  for (const std::string& name : names) {
+    if (name.rfind(kFailureReportPrefix, 0) == 0) TESSERA_RETURN_IF_ERROR(storage.RemoveAll(Join(tmp, name)));
+  }
+
+  // 2. Check every index against its data file, merge into the manifest.
   std::vector<RankIndex> indexes;
   for (int32_t r = 0; r < world_size; ++r) {
     const std::string path = Join(tmp, RankIndexName(r));
-    TESSERA_ASSIGN_OR_RETURN(std::string text, storage.ReadAll(path));
-    TESSERA_ASSIGN_OR_RETURN(RankIndex idx, ParseRankIndex(text, storage.Describe(path)));
+    RankIndex& idx = *found[r];
     if (idx.step != step || idx.world_size != world_size || idx.rank != r) {
       return absl::DataLossError(absl::StrFormat(
           "%s: index says step %d rank %d of %d, expected step %d rank %d of %d (leftover of another save?)",
@@ -107,30 +168,37 @@ absl::Status CommitAsRankZero(Storage& storage, int64_t step, int32_t world_size
   TESSERA_RETURN_IF_ERROR(storage.SyncDir(tmp));
   MaybeCrash(crash_point, "after_manifest");
   TESSERA_ASSIGN_OR_RETURN(bool exists, storage.Exists(final_dir));
-  std::string replaced;
   if (exists) {
     // Re-saving a step that is already committed (training resumed from an older checkpoint): move the old one
     // aside (a .tmp- name, so CleanStale removes it if we crash) and replace it.
-    replaced = absl::StrFormat(".tmp-replaced-step-%010d", step);
-    TESSERA_RETURN_IF_ERROR(storage.RemoveAll(replaced));
-    TESSERA_RETURN_IF_ERROR(storage.Rename(final_dir, replaced));
+    *replaced = absl::StrFormat(".tmp-replaced-step-%010d", step);
+    TESSERA_RETURN_IF_ERROR(storage.RemoveAll(*replaced));
+    TESSERA_RETURN_IF_ERROR(storage.Rename(final_dir, *replaced));
   }
   TESSERA_RETURN_IF_ERROR(storage.Rename(tmp, final_dir));  // syncs the root directory
   MaybeCrash(crash_point, "after_rename");
-
-  // 4. Housekeeping after the commit: its failures are reported, but the checkpoint is committed and loadable.
-  absl::Status after = storage.WriteAtomically("latest", absl::StrCat(step, "\n"));
-  if (after.ok() && !replaced.empty()) after = storage.RemoveAll(replaced);
-  if (after.ok()) after = ApplyRetention(storage, keep_last, step);
-  if (!after.ok()) {
-    return WithContext(after, absl::StrFormat("step %d is committed in %s, but updating latest/retention failed", step,
-                                              storage.Describe(final_dir)));
-  }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+void ReportCommitFailure(Storage& storage, int64_t step, int64_t attempt, int32_t world_size,
+                         const absl::Status& error) {
+  if (world_size <= 1) return;
+  const std::string tmp = TmpStepDirName(step);
+  absl::StatusOr<bool> there = storage.Exists(tmp);  // never re-create it: it may have been committed (renamed)
+  absl::Status s = there.ok() ? absl::OkStatus() : there.status();
+  if (s.ok() && *there) s = storage.WriteAtomically(Join(tmp, FailureReportName(attempt)), error.ToString());
+  if (!s.ok() || !*there) {
+    std::fprintf(stderr, "tessera checkpoint: could not tell the other ranks that step %lld failed (%s); they will "
+                 "wait for their commit timeout\n", static_cast<long long>(step),
+                 s.ok() ? "its tmp directory is gone" : std::string(s.message()).c_str());
+  }
 }
 
 absl::Status WaitForCommit(Storage& storage, const RankIndex& mine, absl::Duration timeout) {
   const std::string manifest_path = Join(StepDirName(mine.step), "manifest.json");
+  const std::string report_path = Join(TmpStepDirName(mine.step), FailureReportName(mine.attempt));
   const std::vector<PieceKey> my_pieces = PiecesOfFile(mine.tensors, 0);
   const absl::Time deadline = absl::Now() + timeout;
   std::string last_problem = "not there yet";
@@ -154,6 +222,12 @@ absl::Status WaitForCommit(Storage& storage, const RankIndex& mine, absl::Durati
       } else if (!absl::IsNotFound(m.status())) {
         last_problem = std::string(m.status().message());
       }
+    }
+    TESSERA_ASSIGN_OR_RETURN(bool reported, storage.Exists(report_path));
+    if (reported) {
+      absl::StatusOr<std::string> text = storage.ReadAll(report_path);
+      return absl::AbortedError(absl::StrFormat("rank %d: step %d was not committed: rank 0 failed: %s", mine.rank,
+                                                mine.step, text.ok() ? *text : "(its report could not be read)"));
     }
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(absl::StrFormat(

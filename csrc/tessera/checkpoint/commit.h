@@ -14,12 +14,23 @@ namespace tessera::checkpoint::internal {
 // Kills the process with SIGKILL when `point` equals `configured` (WriterOptions::crash_point).
 void MaybeCrash(const std::string& configured, const char* point);
 
-// Rank 0: waits for every rank's index in the tmp directory, merges them into manifest.json, renames the tmp
-// directory into place, updates `latest` and applies retention.
-absl::Status CommitAsRankZero(Storage& storage, int64_t step, int32_t world_size, absl::Duration timeout,
-                              int keep_last, const std::string& crash_point);
+// Rank 0: waits for every rank's index of this `attempt` in the tmp directory (an index of an earlier attempt is
+// not there yet; one of a later attempt is an error), merges them into manifest.json, renames the tmp directory into
+// place, updates `latest` and applies retention. A failure before the rename is reported to the other ranks.
+absl::Status CommitAsRankZero(Storage& storage, int64_t step, int32_t world_size, int64_t attempt,
+                              absl::Duration timeout, int keep_last, const std::string& crash_point);
 
-// Other ranks: waits until step `step` is committed with this rank's pieces (`mine`, the index it wrote) in it.
+// [Note: commit failure report] When rank 0 cannot commit a save (its own part failed, a rank's index never came,
+// the merge or a write failed), the other ranks would otherwise poll for the commit until their timeout (10 minutes
+// by default). Rank 0 writes its error to `commit-failed-<attempt>` in the step's tmp directory; a waiting rank that
+// finds the one of its own attempt fails at once with rank 0's error (an earlier attempt's report is not about it).
+// Rank 0 removes old reports once every rank's index of a later attempt is there (no rank still waits on them).
+// Best effort: if even that write fails (a full disk), the other ranks time out as before. No-op on one rank.
+void ReportCommitFailure(Storage& storage, int64_t step, int64_t attempt, int32_t world_size,
+                         const absl::Status& error);
+
+// Other ranks: waits until step `step` is committed with this rank's pieces (`mine`, the index it wrote) in it, or
+// rank 0 reports that this attempt failed (Aborted, with rank 0's error).
 absl::Status WaitForCommit(Storage& storage, const RankIndex& mine, absl::Duration timeout);
 
 // Committed checkpoints beyond the `keep_last` newest are retired (renamed to .tmp-deleting-*, so they are no longer

@@ -83,6 +83,7 @@ struct RankIndex {
   int32_t rank = 0;
   int32_t world_size = 1;
   int64_t step = 0;
+  int64_t attempt = 0;  // SaveRequest::attempt: tells this save's index from one an earlier try at the step left
   FileEntry file;
   std::vector<TensorEntry> tensors;  // each with this rank's pieces only
   std::string rank_json = "{}";

@@ -253,6 +253,7 @@ absl::StatusOr<RankIndex> ParseRankIndexImpl(std::string_view text, std::string_
   TESSERA_ASSIGN_OR_RETURN(r.rank, GetInt(j, "rank", 0, kI32Max, what, "rank"));
   TESSERA_ASSIGN_OR_RETURN(r.world_size, GetInt(j, "world_size", 1, internal::kMaxWorldSize, what, "world_size"));
   TESSERA_ASSIGN_OR_RETURN(r.step, GetInt(j, "step", 0, kI64Max, what, "step"));
+  TESSERA_ASSIGN_OR_RETURN(r.attempt, GetInt(j, "attempt", 0, kI64Max, what, "attempt"));
   TESSERA_ASSIGN_OR_RETURN(const json* file, Member(j, "file", what, "file"));
   TESSERA_ASSIGN_OR_RETURN(r.file, ParseFile(*file, what, "file"));
   TESSERA_ASSIGN_OR_RETURN(r.tensors, ParseTensors(j, what));
@@ -289,6 +290,7 @@ std::string SerializeRankIndex(const RankIndex& r) {
             {"rank", r.rank},
             {"world_size", r.world_size},
             {"step", r.step},
+            {"attempt", r.attempt},
             {"file", FileToJson(r.file)},
             {"tensors", TensorsToJson(r.tensors)},
             {"rank_extra", ExtraToJson(r.rank_json, "rank_json")},

@@ -54,6 +54,7 @@ absl::StatusOr<Plan> MakePlan(const SaveRequest& req) {
     return bad(absl::StrFormat("rank %d out of range [0, %d)", req.rank, req.world_size));
   }
   if (req.step < 0) return bad("negative step");
+  if (req.attempt < 0) return bad("negative attempt");
   if (!internal::IsJsonObject(req.rank_json)) return bad("rank_json is not a JSON object");
   if (!internal::IsJsonObject(req.global_json)) return bad("global_json is not a JSON object");
 
@@ -62,6 +63,7 @@ absl::StatusOr<Plan> MakePlan(const SaveRequest& req) {
   idx.rank = req.rank;
   idx.world_size = req.world_size;
   idx.step = req.step;
+  idx.attempt = req.attempt;
   idx.rank_json = req.rank_json;
   idx.global_json = req.global_json;
   std::unordered_map<std::string, int> tensor_of;
@@ -266,6 +268,7 @@ class Writer final : public CheckpointWriter {
 
  private:
   absl::Status Run(const SaveRequest& req, Plan& plan, SaveState& state);
+  absl::Status WritePart(const SaveRequest& req, Plan& plan, SaveState& state);
   absl::Status StageAndPersist(const SaveRequest& req, Plan& plan, SaveState& state, WritableFile& file);
 
   std::shared_ptr<Storage> storage_;
@@ -278,6 +281,22 @@ class Writer final : public CheckpointWriter {
 };
 
 absl::Status Writer::Run(const SaveRequest& req, Plan& plan, SaveState& state) {
+  absl::Status written = WritePart(req, plan, state);
+  if (req.rank != 0) {
+    TESSERA_RETURN_IF_ERROR(written);
+    return internal::WaitForCommit(*storage_, plan.index, options_.commit_timeout);
+  }
+  if (!written.ok()) {
+    // The other ranks would wait for a commit that cannot come: tell them (see [Note: commit failure report]).
+    internal::ReportCommitFailure(*storage_, req.step, req.attempt, req.world_size, written);
+    return written;
+  }
+  return internal::CommitAsRankZero(*storage_, req.step, req.world_size, req.attempt, options_.commit_timeout,
+                                    options_.keep_last, options_.crash_point);
+}
+
+// This rank's data file and then its index (its "done" marker) in the step's tmp directory.
+absl::Status Writer::WritePart(const SaveRequest& req, Plan& plan, SaveState& state) {
   const std::string tmp = TmpStepDirName(req.step);
   TESSERA_RETURN_IF_ERROR(stager_.Reserve(plan.data_bytes, plan.any_cuda));
   TESSERA_RETURN_IF_ERROR(storage_->MakeDirs(tmp));
@@ -296,11 +315,7 @@ absl::Status Writer::Run(const SaveRequest& req, Plan& plan, SaveState& state) {
   TESSERA_RETURN_IF_ERROR(
       storage_->WriteAtomically(tmp + "/" + RankIndexName(req.rank), SerializeRankIndex(plan.index)));
   internal::MaybeCrash(options_.crash_point, "after_index");
-  if (req.rank == 0) {
-    return internal::CommitAsRankZero(*storage_, req.step, req.world_size, options_.commit_timeout,
-                                      options_.keep_last, options_.crash_point);
-  }
-  return internal::WaitForCommit(*storage_, plan.index, options_.commit_timeout);
+  return absl::OkStatus();
 }
 
 absl::Status Writer::StageAndPersist(const SaveRequest& req, Plan& plan, SaveState& state, WritableFile& file) {

@@ -32,6 +32,10 @@ struct SaveRequest {
   int64_t step = 0;
   int32_t rank = 0;
   int32_t world_size = 1;
+  // [Note: save attempts] Which save this is, the same number on every rank (count the save calls: every rank
+  // saves every step, in the same order). A failed save leaves its files in the step's tmp directory; the attempt
+  // number keeps a later save of the same step from taking them, or rank 0's report of that failure, as its own.
+  int64_t attempt = 0;
   std::vector<SavePiece> pieces;  // staged in this order
   std::string rank_json = "{}";
   std::string global_json = "{}";  // used from rank 0

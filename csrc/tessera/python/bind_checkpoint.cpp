@@ -72,9 +72,10 @@ void BindCheckpoint(py::module_& m) {
       .def("save",
            [](CheckpointWriter& w, int64_t step, int rank, int world_size,
               const std::vector<std::tuple<std::string, std::vector<int64_t>, int64_t, at::Tensor>>& pieces,
-              const std::string& rank_json, const std::string& global_json) {
+              const std::string& rank_json, const std::string& global_json, int64_t attempt) {
              checkpoint::SaveRequest req;
              req.step = step;
+             req.attempt = attempt;
              req.rank = rank;
              req.world_size = world_size;
              req.rank_json = rank_json;
@@ -99,7 +100,7 @@ void BindCheckpoint(py::module_& m) {
              return h;
            },
            py::arg("step"), py::arg("rank"), py::arg("world_size"), py::arg("pieces"), py::arg("rank_json"),
-           py::arg("global_json"))
+           py::arg("global_json"), py::arg("attempt") = 0)
       .def("clean_stale", [](CheckpointWriter& w) { ThrowIfError(NoGil([&] { return w.CleanStale(); })); });
 
   py::class_<CheckpointReader>(m, "CheckpointReader")

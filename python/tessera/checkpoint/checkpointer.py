@@ -125,6 +125,7 @@ class Checkpointer:
                 self._crash_step = int(step_s) if step_s else None
                 self._crash_writer = new_writer(crash_point=point)
         self._pending: SaveHandle | None = None
+        self._saves = 0  # save() calls so far: the same on every rank (see [Note: save attempts] in writer.h)
         _live.add(self)
 
     @property
@@ -145,6 +146,8 @@ class Checkpointer:
         save first waits for the first). Plain values are captured now; tensors are staged in the background."""
         if not isinstance(step, int) or step < 0:
             raise InvalidArgumentError(f"Checkpointer.save: step must be a non-negative int, got {step!r}")
+        attempt = self._saves
+        self._saves += 1
         if self._pending is not None and not self._pending.done:
             self._pending.wait()
         collected, global_extra, rank_extra = self._collect(state, load=False)
@@ -161,7 +164,7 @@ class Checkpointer:
         if self._crash_writer is not None and self._crash_step in (None, step):
             writer = self._crash_writer
         handle = writer.save(step, self.rank, self.world, pieces, jsonio.dumps(rank_extra),
-                             jsonio.dumps(global_extra))
+                             jsonio.dumps(global_extra), attempt)
         fences.register(handle, unit_last)
         self._pending = SaveHandle(step, handle)
         return self._pending

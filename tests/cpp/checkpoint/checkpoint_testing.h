@@ -103,36 +103,36 @@ inline std::shared_ptr<Storage> Local(const std::string& root) {
 }
 
 // Saves `step` with `world` ranks on threads (ranks listed in `ranks`, default all); returns each rank's Wait().
+// One rank's save of `tensors` (its share of them) with a writer of its own; returns what Wait() returned.
+inline absl::Status SaveAsRank(const std::string& root, int64_t step, int world, int rank,
+                               const std::vector<RefTensor>& tensors, WriterOptions options = {},
+                               int64_t attempt = 0) {
+  auto writer = CheckpointWriter::Create(Local(root), options);
+  if (!writer.ok()) return writer.status();
+  SaveRequest req;
+  req.step = step;
+  req.rank = rank;
+  req.world_size = world;
+  req.attempt = attempt;
+  req.pieces = ShardPieces(tensors, rank, world);
+  req.rank_json = "{\"rng\": " + std::to_string(100 + rank) + "}";
+  req.global_json = "{\"epoch\": 3}";
+  auto handle = (*writer)->Save(std::move(req));
+  if (!handle.ok()) return handle.status();
+  return (*handle)->Wait();
+}
+
+// SaveAsRank for each of `ranks` (default: all) at once, on threads.
 inline std::vector<absl::Status> SaveAllRanks(const std::string& root, int64_t step, int world,
                                               const std::vector<RefTensor>& tensors, WriterOptions options = {},
-                                              std::vector<int> ranks = {}) {
+                                              std::vector<int> ranks = {}, int64_t attempt = 0) {
   if (ranks.empty()) {
     for (int r = 0; r < world; ++r) ranks.push_back(r);
   }
   std::vector<absl::Status> result(ranks.size());
   std::vector<std::thread> threads;
   for (size_t i = 0; i < ranks.size(); ++i) {
-    threads.emplace_back([&, i] {
-      const int r = ranks[i];
-      auto writer = CheckpointWriter::Create(Local(root), options);
-      if (!writer.ok()) {
-        result[i] = writer.status();
-        return;
-      }
-      SaveRequest req;
-      req.step = step;
-      req.rank = r;
-      req.world_size = world;
-      req.pieces = ShardPieces(tensors, r, world);
-      req.rank_json = "{\"rng\": " + std::to_string(100 + r) + "}";
-      req.global_json = "{\"epoch\": 3}";
-      auto handle = (*writer)->Save(std::move(req));
-      if (!handle.ok()) {
-        result[i] = handle.status();
-        return;
-      }
-      result[i] = (*handle)->Wait();
-    });
+    threads.emplace_back([&, i] { result[i] = SaveAsRank(root, step, world, ranks[i], tensors, options, attempt); });
   }
   for (auto& t : threads) t.join();
   return result;

@@ -85,12 +85,20 @@ TEST(CommitTest, MissingRankTimesOutAndCommitsNothing) {
   TempDir dir;
   WriterOptions opts;
   opts.commit_timeout = absl::Milliseconds(300);
+  WriterOptions patient;
+  patient.commit_timeout = absl::Minutes(5);
   const std::vector<RefTensor> tensors = DefaultTensors();
-  std::vector<absl::Status> r = SaveAllRanks(dir.path(), 9, 3, tensors, opts, {0, 2});
-  EXPECT_TRUE(absl::IsDeadlineExceeded(r[0])) << r[0];
-  EXPECT_TRUE(Contains(std::string(r[0].message()), "[1]")) << r[0];
-  EXPECT_TRUE(Contains(std::string(r[0].message()), "step 9"));
-  EXPECT_TRUE(absl::IsDeadlineExceeded(r[1])) << r[1];  // rank 2 waited for a commit that never came
+  absl::Status r0, r2;
+  std::thread t0([&] { r0 = SaveAsRank(dir.path(), 9, 3, 0, tensors, opts); });
+  r2 = SaveAsRank(dir.path(), 9, 3, 2, tensors, patient);
+  t0.join();
+  EXPECT_TRUE(absl::IsDeadlineExceeded(r0)) << r0;
+  EXPECT_TRUE(Contains(std::string(r0.message()), "[1]")) << r0;
+  EXPECT_TRUE(Contains(std::string(r0.message()), "step 9"));
+  // Rank 2 does not wait out its own 5 minutes for a commit that cannot come: rank 0 reports its failure.
+  EXPECT_TRUE(absl::IsAborted(r2)) << r2;
+  EXPECT_TRUE(Contains(std::string(r2.message()), "rank 0 failed")) << r2;
+  EXPECT_TRUE(Contains(std::string(r2.message()), "waiting for the index of rank(s) [1]")) << r2;
   EXPECT_FALSE(PathExists(dir / "step-0000000009"));
   EXPECT_FALSE(PathExists(dir / "latest"));
   EXPECT_TRUE(ListCommittedSteps(*Local(dir.path()))->empty());
@@ -103,6 +111,38 @@ TEST(CommitTest, MissingRankTimesOutAndCommitsNothing) {
   EXPECT_FALSE(PathExists(dir / ".tmp-step-0000000009"));
   for (const absl::Status& s : SaveAllRanks(dir.path(), 10, 1, tensors, opts)) ASSERT_TRUE(s.ok()) << s;
   EXPECT_EQ(*ListCommittedSteps(*Local(dir.path())), std::vector<int64_t>{10});
+}
+
+TEST(CommitTest, AFailedAttemptsLeftoversAreNotTakenForALaterOne) {
+  // [Note: save attempts] Attempt 0 at step 4: rank 0 never came, rank 1 timed out and left its index behind.
+  TempDir dir;
+  WriterOptions opts;
+  opts.commit_timeout = absl::Milliseconds(300);
+  const std::vector<RefTensor> first = DefaultTensors();
+  std::vector<RefTensor> second = first;
+  for (RefTensor& t : second) {
+    for (uint8_t& b : t.bytes) b ^= 0x5A;  // the retry saves different values
+  }
+  EXPECT_TRUE(absl::IsDeadlineExceeded(SaveAsRank(dir.path(), 4, 2, 1, first, opts, /*attempt=*/0)));
+  // Attempt 1, rank 0 alone: rank 1's index is the failed attempt's, so nothing may be committed with it.
+  absl::Status r0 = SaveAsRank(dir.path(), 4, 2, 0, second, opts, /*attempt=*/1);
+  EXPECT_TRUE(absl::IsDeadlineExceeded(r0)) << r0;
+  EXPECT_TRUE(Contains(std::string(r0.message()), "left only an index of an earlier failed save")) << r0;
+  EXPECT_FALSE(PathExists(dir / "step-0000000004"));
+  EXPECT_TRUE(PathExists(dir / ".tmp-step-0000000004/commit-failed-1"));
+  // Attempt 2, both ranks: commits the retry's values only, and no report of attempt 1 is taken as its own.
+  for (const absl::Status& s : SaveAllRanks(dir.path(), 4, 2, second, opts, {}, /*attempt=*/2)) {
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  EXPECT_FALSE(PathExists(dir / "step-0000000004/commit-failed-1"));
+  auto reader = CheckpointReader::Open(Local(dir.path()), 4);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  for (const RefTensor& t : second) EXPECT_TRUE(ReadsBack(**reader, t, 0, t.numel())) << t.name;
+  // A rank ahead of rank 0 (saves out of step) is an error, not a wait.
+  EXPECT_TRUE(absl::IsDeadlineExceeded(SaveAsRank(dir.path(), 5, 2, 1, first, opts, /*attempt=*/7)));
+  r0 = SaveAsRank(dir.path(), 5, 2, 0, first, opts, /*attempt=*/6);
+  EXPECT_TRUE(absl::IsFailedPrecondition(r0)) << r0;
+  EXPECT_TRUE(Contains(std::string(r0.message()), "out of step")) << r0;
 }
 
 TEST(CommitTest, CleanStaleRemovesOnlyTmpDirectories) {

@@ -1,10 +1,12 @@
-"""Run by test_full_disk_fails_cleanly_and_training_goes_on: a one-rank job whose checkpoint hits RLIMIT_FSIZE."""
+"""Run by test_full_disk_*: a job whose checkpoint hits RLIMIT_FSIZE on rank 0 (a real "disk full" for that process).
+
+Usage: full_disk_job.py ROOT RANK WORLD INIT_FILE. Prints what happened, one line per event, for the test to check.
+"""
 
 import os
 import resource
 import signal
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -15,9 +17,8 @@ from models import make_model  # noqa: E402
 from shard.parity import shard_model  # noqa: E402
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
-d = tempfile.mkdtemp()
-dist.init_process_group("gloo", init_method=f"file://{d}/init", rank=0, world_size=1)
-root = sys.argv[1]
+root, rank, world, init = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
 model = shard_model(make_model(), tessera.ShardingStrategy.FULL_SHARD)
 opt = tessera.optim.AdamW(model.parameters(), lr=1e-2)
 state = {"model": model, "optim": opt, "train": {"step": 0}}
@@ -31,23 +32,26 @@ def train():
 
 
 train()
-ckpt = tessera.checkpoint.Checkpointer(root)
+ckpt = tessera.checkpoint.Checkpointer(root)  # the default commit timeout (600 s): a wait for it would show
 ckpt.save(1, state).wait()
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # the data file is ~100 KB
+if rank == 0:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # the data file is ~100 KB / world
 train()
 try:
     ckpt.save(2, state).wait()
-    print("save unexpectedly succeeded")
+    print("save unexpectedly succeeded", flush=True)
 except tessera.CheckpointError as e:
-    print(f"save failed: {e}")
-print("committed after failure:", ckpt.committed_steps())
+    print(f"save failed: {e}", flush=True)
+print("committed after failure:", ckpt.committed_steps(), flush=True)
 train()
-print("trained on after failure")
+print("trained on after failure", flush=True)
 resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-ckpt.save(3, state).wait()
-print("saved again once space returned:", ckpt.committed_steps())
+ckpt.save(2, state).wait()  # the same step again: the failed attempt's leftovers must not be taken for this one
+print("saved again once space returned:", ckpt.committed_steps(), flush=True)
+want = tessera.full_state_dict(model)
 probe = {"model": shard_model(make_model(3), tessera.ShardingStrategy.FULL_SHARD), "train": {}}
-tessera.checkpoint.Checkpointer(root).load(1, probe)
-print("loaded step", 1 if probe["train"] == {"step": 0} else probe["train"])
+tessera.checkpoint.Checkpointer(root).load(2, probe)
+got = tessera.full_state_dict(probe["model"])
+print("loaded step 2 equal:", all(torch.equal(got[k], want[k]) for k in want), flush=True)
 dist.destroy_process_group()

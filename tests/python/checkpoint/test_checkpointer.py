@@ -207,15 +207,37 @@ def test_read_only_directory(tmp_path, single_rank_group):
     assert ckpt.committed_steps() == [1]
 
 
-def test_full_disk_fails_cleanly_and_training_goes_on(tmp_path):
-    # RLIMIT_FSIZE makes writes past the limit fail with EFBIG: a real "disk full" for the writing process.
-    r = subprocess.run([sys.executable, os.path.join(HERE, "full_disk_job.py"), str(tmp_path / "ckpt")],
-                       capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "save failed: checkpoint step 2 was not saved" in r.stdout and "disk full or file size limit" in r.stdout
-    assert "committed after failure: [1]" in r.stdout
-    assert "trained on after failure" in r.stdout and "loaded step 1" in r.stdout
-    assert "saved again once space returned: [3, 1]" in r.stdout
+def _full_disk_job(tmp_path, world):
+    # RLIMIT_FSIZE on rank 0 makes its writes past the limit fail with EFBIG: a real "disk full" for that process.
+    init = tmp_path / "init"
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "full_disk_job.py"), str(tmp_path / "ckpt"), str(r),
+                               str(world), str(init)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError("the full-disk job hung (a rank waiting for a commit that cannot come?)") from None
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_full_disk_fails_cleanly_and_training_goes_on(tmp_path, world):
+    outs = _full_disk_job(tmp_path, world)
+    for rank, out in enumerate(outs):
+        assert "save failed: checkpoint step 2 was not saved" in out and "disk full or file size limit" in out, out
+        if rank > 0:
+            # Told by rank 0 at once, not after the 600 s commit timeout (the job would have been killed at 240 s).
+            assert "rank 0 failed" in out, out
+        assert "committed after failure: [1]" in out
+        assert "trained on after failure" in out
+        assert "saved again once space returned: [2, 1]" in out
+        assert "loaded step 2 equal: True" in out
 
 
 def test_safetensors_export_import(tmp_path, single_rank_group):
