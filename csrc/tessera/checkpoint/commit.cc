@@ -21,11 +21,28 @@ namespace tessera::checkpoint::internal {
 namespace {
 
 constexpr absl::Duration kPollInterval = absl::Milliseconds(10);
-// "commit-failed-<attempt>", holding rank 0's error: see [Note: commit failure report] in commit.h.
-constexpr char kFailureReportPrefix[] = "commit-failed-";
-std::string FailureReportName(int64_t attempt) { return absl::StrCat(kFailureReportPrefix, attempt); }
-
 std::string Join(const std::string& dir, const std::string& name) { return absl::StrCat(dir, "/", name); }
+
+// Failure reports in the step's tmp directory, holding the error: see [Note: commit failure report] in commit.h.
+constexpr char kCommitReportPrefix[] = "commit-failed-";  // rank 0's: "commit-failed-<attempt>"
+constexpr char kRankReportPrefix[] = "rank-failed-";      // another rank's: "rank-failed-<attempt>-<rank>"
+std::string CommitReportName(int64_t attempt) { return absl::StrCat(kCommitReportPrefix, attempt); }
+std::string RankReportName(int64_t attempt, int32_t rank) {
+  return absl::StrCat(kRankReportPrefix, attempt, "-", rank);
+}
+
+// Writes `error` to report `name` in step's tmp directory. Best effort: a failure is logged.
+void WriteReport(Storage& storage, int64_t step, const std::string& name, const absl::Status& error) {
+  const std::string tmp = TmpStepDirName(step);
+  absl::StatusOr<bool> there = storage.Exists(tmp);  // never re-create it: it may have been committed (renamed)
+  absl::Status s = there.ok() ? absl::OkStatus() : there.status();
+  if (s.ok() && *there) s = storage.WriteAtomically(Join(tmp, name), error.ToString());
+  if (!s.ok() || !*there) {
+    std::fprintf(stderr, "tessera checkpoint: could not report the failure of step %lld to the other ranks (%s); "
+                 "they will wait for their commit timeout\n", static_cast<long long>(step),
+                 s.ok() ? "its tmp directory is gone" : std::string(s.message()).c_str());
+  }
+}
 
 // The (name, start, count, xxh3) of every piece a given file holds, sorted: what identifies one save's data.
 using PieceKey = std::tuple<std::string, int64_t, int64_t, uint64_t>;
@@ -101,6 +118,13 @@ absl::Status MergeAndRename(Storage& storage, int64_t step, int32_t world_size, 
     std::vector<int32_t> still;
     stale.clear();
     for (int32_t r : missing) {
+      const std::string report = Join(tmp, RankReportName(attempt, r));
+      TESSERA_ASSIGN_OR_RETURN(bool failed, storage.Exists(report));
+      if (failed) {
+        absl::StatusOr<std::string> text = storage.ReadAll(report);
+        return absl::AbortedError(absl::StrFormat("step %d: rank %d could not save its part: %s", step, r,
+                                                  text.ok() ? *text : "(its report could not be read)"));
+      }
       const std::string path = Join(tmp, RankIndexName(r));
       TESSERA_ASSIGN_OR_RETURN(bool exists, storage.Exists(path));
       absl::StatusOr<std::string> text = exists ? storage.ReadAll(path) : absl::NotFoundError(path);
@@ -139,7 +163,9 @@ absl::Status MergeAndRename(Storage& storage, int64_t step, int32_t world_size, 
   // attempts can go (they must not be renamed into the committed directory).
   TESSERA_ASSIGN_OR_RETURN(std::vector<std::string> names, storage.List(tmp));
   for (const std::string& name : names) {
-    if (name.rfind(kFailureReportPrefix, 0) == 0) TESSERA_RETURN_IF_ERROR(storage.RemoveAll(Join(tmp, name)));
+    if (name.rfind(kCommitReportPrefix, 0) == 0 || name.rfind(kRankReportPrefix, 0) == 0) {
+      TESSERA_RETURN_IF_ERROR(storage.RemoveAll(Join(tmp, name)));
+    }
   }
 
   // 2. Check every index against its data file, merge into the manifest.
@@ -184,21 +210,16 @@ absl::Status MergeAndRename(Storage& storage, int64_t step, int32_t world_size, 
 
 void ReportCommitFailure(Storage& storage, int64_t step, int64_t attempt, int32_t world_size,
                          const absl::Status& error) {
-  if (world_size <= 1) return;
-  const std::string tmp = TmpStepDirName(step);
-  absl::StatusOr<bool> there = storage.Exists(tmp);  // never re-create it: it may have been committed (renamed)
-  absl::Status s = there.ok() ? absl::OkStatus() : there.status();
-  if (s.ok() && *there) s = storage.WriteAtomically(Join(tmp, FailureReportName(attempt)), error.ToString());
-  if (!s.ok() || !*there) {
-    std::fprintf(stderr, "tessera checkpoint: could not tell the other ranks that step %lld failed (%s); they will "
-                 "wait for their commit timeout\n", static_cast<long long>(step),
-                 s.ok() ? "its tmp directory is gone" : std::string(s.message()).c_str());
-  }
+  if (world_size > 1) WriteReport(storage, step, CommitReportName(attempt), error);
+}
+
+void ReportRankFailure(Storage& storage, int64_t step, int64_t attempt, int32_t rank, const absl::Status& error) {
+  WriteReport(storage, step, RankReportName(attempt, rank), error);
 }
 
 absl::Status WaitForCommit(Storage& storage, const RankIndex& mine, absl::Duration timeout) {
   const std::string manifest_path = Join(StepDirName(mine.step), "manifest.json");
-  const std::string report_path = Join(TmpStepDirName(mine.step), FailureReportName(mine.attempt));
+  const std::string report_path = Join(TmpStepDirName(mine.step), CommitReportName(mine.attempt));
   const std::vector<PieceKey> my_pieces = PiecesOfFile(mine.tensors, 0);
   const absl::Time deadline = absl::Now() + timeout;
   std::string last_problem = "not there yet";
@@ -226,8 +247,9 @@ absl::Status WaitForCommit(Storage& storage, const RankIndex& mine, absl::Durati
     TESSERA_ASSIGN_OR_RETURN(bool reported, storage.Exists(report_path));
     if (reported) {
       absl::StatusOr<std::string> text = storage.ReadAll(report_path);
-      return absl::AbortedError(absl::StrFormat("rank %d: step %d was not committed: rank 0 failed: %s", mine.rank,
-                                                mine.step, text.ok() ? *text : "(its report could not be read)"));
+      return absl::AbortedError(absl::StrFormat("rank %d: step %d was not committed; rank 0 reported: %s",
+                                                mine.rank, mine.step,
+                                                text.ok() ? *text : "(its report could not be read)"));
     }
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(absl::StrFormat(

@@ -20,14 +20,17 @@ void MaybeCrash(const std::string& configured, const char* point);
 absl::Status CommitAsRankZero(Storage& storage, int64_t step, int32_t world_size, int64_t attempt,
                               absl::Duration timeout, int keep_last, const std::string& crash_point);
 
-// [Note: commit failure report] When rank 0 cannot commit a save (its own part failed, a rank's index never came,
-// the merge or a write failed), the other ranks would otherwise poll for the commit until their timeout (10 minutes
-// by default). Rank 0 writes its error to `commit-failed-<attempt>` in the step's tmp directory; a waiting rank that
-// finds the one of its own attempt fails at once with rank 0's error (an earlier attempt's report is not about it).
-// Rank 0 removes old reports once every rank's index of a later attempt is there (no rank still waits on them).
-// Best effort: if even that write fails (a full disk), the other ranks time out as before. No-op on one rank.
+// [Note: commit failure report] A failed save must not leave the other ranks polling until their commit timeout
+// (10 minutes by default). A rank other than 0 whose part fails writes its error to `rank-failed-<attempt>-<rank>`
+// in the step's tmp directory; rank 0, waiting for that rank's index, finds it and fails. When rank 0 cannot commit
+// (its own part failed, a rank failed or never came, a check or write failed) it writes its error to
+// `commit-failed-<attempt>`; a waiting rank that finds the one of its own attempt fails at once with it. Reports of
+// an earlier attempt are not about this one; rank 0 removes them once every rank's index of a later attempt is there
+// (no rank still waits on them). Best effort: if even the report cannot be written (a full disk), the others time
+// out as before.
 void ReportCommitFailure(Storage& storage, int64_t step, int64_t attempt, int32_t world_size,
-                         const absl::Status& error);
+                         const absl::Status& error);  // rank 0; no-op on one rank
+void ReportRankFailure(Storage& storage, int64_t step, int64_t attempt, int32_t rank, const absl::Status& error);
 
 // Other ranks: waits until step `step` is committed with this rank's pieces (`mine`, the index it wrote) in it, or
 // rank 0 reports that this attempt failed (Aborted, with rank 0's error).

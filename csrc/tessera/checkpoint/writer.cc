@@ -282,12 +282,15 @@ class Writer final : public CheckpointWriter {
 
 absl::Status Writer::Run(const SaveRequest& req, Plan& plan, SaveState& state) {
   absl::Status written = WritePart(req, plan, state);
+  // A failed part is reported so that no rank waits for a commit that cannot come ([Note: commit failure report]).
   if (req.rank != 0) {
-    TESSERA_RETURN_IF_ERROR(written);
+    if (!written.ok()) {
+      internal::ReportRankFailure(*storage_, req.step, req.attempt, req.rank, written);
+      return written;
+    }
     return internal::WaitForCommit(*storage_, plan.index, options_.commit_timeout);
   }
   if (!written.ok()) {
-    // The other ranks would wait for a commit that cannot come: tell them (see [Note: commit failure report]).
     internal::ReportCommitFailure(*storage_, req.step, req.attempt, req.world_size, written);
     return written;
   }

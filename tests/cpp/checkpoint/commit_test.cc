@@ -97,7 +97,7 @@ TEST(CommitTest, MissingRankTimesOutAndCommitsNothing) {
   EXPECT_TRUE(Contains(std::string(r0.message()), "step 9"));
   // Rank 2 does not wait out its own 5 minutes for a commit that cannot come: rank 0 reports its failure.
   EXPECT_TRUE(absl::IsAborted(r2)) << r2;
-  EXPECT_TRUE(Contains(std::string(r2.message()), "rank 0 failed")) << r2;
+  EXPECT_TRUE(Contains(std::string(r2.message()), "rank 0 reported")) << r2;
   EXPECT_TRUE(Contains(std::string(r2.message()), "waiting for the index of rank(s) [1]")) << r2;
   EXPECT_FALSE(PathExists(dir / "step-0000000009"));
   EXPECT_FALSE(PathExists(dir / "latest"));
@@ -111,6 +111,23 @@ TEST(CommitTest, MissingRankTimesOutAndCommitsNothing) {
   EXPECT_FALSE(PathExists(dir / ".tmp-step-0000000009"));
   for (const absl::Status& s : SaveAllRanks(dir.path(), 10, 1, tensors, opts)) ASSERT_TRUE(s.ok()) << s;
   EXPECT_EQ(*ListCommittedSteps(*Local(dir.path())), std::vector<int64_t>{10});
+}
+
+TEST(CommitTest, ARanksFailedPartEndsEveryRanksWaitAtOnce) {
+  // Rank 1 cannot create its data file (a directory is in the way); ranks 0 and 2 would otherwise wait 5 minutes.
+  TempDir dir;
+  WriterOptions patient;
+  patient.commit_timeout = absl::Minutes(5);
+  const std::vector<RefTensor> tensors = DefaultTensors();
+  ASSERT_TRUE(Local(dir.path())->MakeDirs(".tmp-step-0000000003/rank-00001.bin").ok());
+  std::vector<absl::Status> r = SaveAllRanks(dir.path(), 3, 3, tensors, patient);
+  EXPECT_FALSE(r[1].ok()) << r[1];
+  EXPECT_TRUE(absl::IsAborted(r[0])) << r[0];
+  EXPECT_TRUE(Contains(std::string(r[0].message()), "rank 1 could not save its part")) << r[0];
+  EXPECT_TRUE(absl::IsAborted(r[2])) << r[2];
+  EXPECT_TRUE(Contains(std::string(r[2].message()), "rank 0 reported: ")) << r[2];
+  EXPECT_TRUE(Contains(std::string(r[2].message()), "rank 1 could not save its part")) << r[2];
+  EXPECT_FALSE(PathExists(dir / "step-0000000003"));
 }
 
 TEST(CommitTest, AFailedAttemptsLeftoversAreNotTakenForALaterOne) {

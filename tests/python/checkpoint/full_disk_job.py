@@ -1,6 +1,6 @@
-"""Run by test_full_disk_*: a job whose checkpoint hits RLIMIT_FSIZE on rank 0 (a real "disk full" for that process).
+"""Run by test_full_disk_*: a job whose checkpoint hits RLIMIT_FSIZE on one rank (a real "disk full" for it).
 
-Usage: full_disk_job.py ROOT RANK WORLD INIT_FILE. Prints what happened, one line per event, for the test to check.
+Usage: full_disk_job.py ROOT RANK WORLD INIT_FILE FULL_RANK. Prints what happened, one line per event, for the test.
 """
 
 import os
@@ -17,7 +17,7 @@ from models import make_model  # noqa: E402
 from shard.parity import shard_model  # noqa: E402
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
-root, rank, world, init = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+root, rank, world, init, full_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
 model = shard_model(make_model(), tessera.ShardingStrategy.FULL_SHARD)
 opt = tessera.optim.AdamW(model.parameters(), lr=1e-2)
@@ -35,7 +35,7 @@ train()
 ckpt = tessera.checkpoint.Checkpointer(root)  # the default commit timeout (600 s): a wait for it would show
 ckpt.save(1, state).wait()
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-if rank == 0:
+if rank == full_rank:
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))  # the data file is ~100 KB / world
 train()
 try:
