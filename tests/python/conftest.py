@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tessera.process import end_spawned_rank
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 
@@ -22,6 +24,7 @@ def _entry(rank: int, world: int, init_file: str, fn, args) -> None:
     finally:
         if dist.is_initialized():  # fn may have destroyed it itself
             dist.destroy_process_group()
+    end_spawned_rank()  # see [Note: ending spawned rank processes] in python/tessera/process.py
 
 
 def run_ranks(world: int, fn, *args) -> None:

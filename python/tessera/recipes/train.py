@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 import tessera
 from tessera import knobs
+from tessera.process import end_spawned_rank
 from tessera.models.llama import Llama, LlamaConfig, parallelize
 from tessera.models.llama.model import cross_entropy
 from tessera.recipes.config import Precision, TrainConfig
@@ -97,6 +98,7 @@ def _spawned(rank: int, cfg: TrainConfig, init_file: str) -> None:
         _train(rank, cfg)
     finally:
         dist.destroy_process_group()
+    end_spawned_rank()  # see [Note: ending spawned rank processes] in tessera/process.py
 
 
 def run(cfg: TrainConfig) -> None:

@@ -59,6 +59,9 @@ def run(rank, world, args, init_file):
     if rank == 0:
         torch.save({"model": sd, "train": dict(train)}, args.out)
     dist.destroy_process_group()
+    from tessera.process import end_spawned_rank
+
+    end_spawned_rank()  # see [Note: ending spawned rank processes] in tessera/process.py
 
 
 def main():
