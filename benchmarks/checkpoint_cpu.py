@@ -235,6 +235,9 @@ def worker(rank, world, init_file, args, out_file):
         torch.save(out, out_file)
     dist.barrier()
     dist.destroy_process_group()
+    from tessera.process import end_spawned_rank
+
+    end_spawned_rank()  # see [Note: ending spawned rank processes] in tessera/process.py
 
 
 def worker_reshard(rank, world, init_file, args, ref_file, out_file):
@@ -275,6 +278,9 @@ def worker_reshard(rank, world, init_file, args, ref_file, out_file):
         torch.save(out, out_file)
     dist.barrier()
     dist.destroy_process_group()
+    from tessera.process import end_spawned_rank
+
+    end_spawned_rank()  # see [Note: ending spawned rank processes] in tessera/process.py
 
 
 def _med(xs):

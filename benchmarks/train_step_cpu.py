@@ -89,6 +89,9 @@ def worker(rank, world, init_file, args, out_file):
         results["_params"] = cfg.num_params()
         torch.save(results, out_file)
     dist.destroy_process_group()
+    from tessera.process import end_spawned_rank
+
+    end_spawned_rank()  # see [Note: ending spawned rank processes] in tessera/process.py
 
 
 def main():
