@@ -44,9 +44,11 @@ void BindShard(py::module_& m) {
       .def_property_readonly("flat_grad_shard", &Unit::flat_grad_shard)
       .def("shard_offset", [](const Unit& u, int64_t i) { return u.plan().slot(i).shard_offset; })
       // Each of these may wait for a collective: see [Note: never wait on a collective holding the GIL].
-      .def("start_unshard", [](Unit& u, uintptr_t stream) { ThrowIfError(NoGil([&] { return u.StartUnshard(stream); })); },
+      .def("start_unshard",
+           [](Unit& u, uintptr_t stream) { ThrowIfError(NoGil([&] { return u.StartUnshard(stream); })); },
            py::arg("stream") = 0)
-      .def("wait_unshard", [](Unit& u, uintptr_t stream) { ThrowIfError(NoGil([&] { return u.WaitUnshard(stream); })); },
+      .def("wait_unshard",
+           [](Unit& u, uintptr_t stream) { ThrowIfError(NoGil([&] { return u.WaitUnshard(stream); })); },
            py::arg("stream") = 0)
       .def("reshard", [](Unit& u) { ThrowIfError(NoGil([&] { return u.Reshard(); })); })
       .def("start_reduce",
@@ -57,7 +59,8 @@ void BindShard(py::module_& m) {
              ThrowIfError(NoGil([&] { return u.StartReduce(g, stream); }));
            },
            py::arg("grads"), py::arg("stream") = 0)
-      .def("wait_reduce", [](Unit& u, uintptr_t stream) { return ValueOrThrow(NoGil([&] { return u.WaitReduce(stream); })); },
+      .def("wait_reduce",
+           [](Unit& u, uintptr_t stream) { return ValueOrThrow(NoGil([&] { return u.WaitReduce(stream); })); },
            py::arg("stream") = 0)
       .def("load_full_param",
            [](Unit& u, int64_t i, const at::Tensor& t) { ThrowIfError(NoGil([&] { return u.LoadFullParam(i, t); })); })
