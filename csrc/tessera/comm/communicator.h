@@ -46,9 +46,16 @@ struct Collective {
   }
 };
 
+// The one default bound on a collective (Python: tessera.knobs.DEFAULT_COLLECTIVE_TIMEOUT_S, overridable with
+// TESSERA_COLLECTIVE_TIMEOUT_S).
+inline constexpr absl::Duration kDefaultCollectiveTimeout = absl::Minutes(10);
+
 struct CollectiveOptions {
   // How long Wait() may block before it reports DeadlineExceeded.
-  absl::Duration timeout = absl::Minutes(10);
+  absl::Duration timeout = kDefaultCollectiveTimeout;
+  // Where the caller is, for errors and desync reports: e.g. "forward all-gather of unit 'blocks.0'". Empty: the
+  // collective's kind and size only.
+  std::string tag;
   // CUDA backends only: the cudaStream_t whose queued work the collective must follow, and which Wait() orders
   // after the collective (the host does not block). nullptr means the legacy default stream.
   void* stream = nullptr;
