@@ -53,6 +53,13 @@ def worker(rank, world, init_file, args, out_file):
     from tessera.models.llama import LlamaConfig
     from tessera.models.llama.model import cross_entropy
 
+    profile = None
+    if args.hook_profile:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from hook_profile import HookProfile
+
+        profile = HookProfile()
+        profile.install(count_cpp_calls=args.hook_profile == "calls")
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     cfg = LlamaConfig.tiny()
@@ -79,12 +86,20 @@ def worker(rank, world, init_file, args, out_file):
                 dt = time.perf_counter() - t0
                 if i >= args.warmup or rnd > 0:
                     times[fw].append(dt)
+                elif profile is not None:
+                    profile.reset()  # count measured steps only
                 losses[fw].append(loss.item())
     for fw in args.frameworks:
         t = torch.tensor(times[fw])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step ends when the slowest rank ends
         results[fw] = {"median_s": statistics.median(t.tolist()), "first_loss": losses[fw][0],
                        "last_loss": losses[fw][-1]}
+    if profile is not None:
+        steps, units = len(times["tessera"]), args.layers + 1
+        results["_hooks"] = {"us_per_unit_step": profile.seconds / steps / units * 1e6,
+                             "hook_calls_per_unit_step": profile.hook_calls / steps / units,
+                             "cpp_calls_in_hooks_per_unit_step": profile.cpp_calls_in_hooks / steps / units,
+                             "cpp_calls_per_step": profile.cpp_calls / steps}
     if rank == 0:
         results["_params"] = cfg.num_params()
         torch.save(results, out_file)
@@ -106,7 +121,11 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     p.add_argument("--frameworks", nargs="+", default=["tessera", "fsdp2", "ddp"])
     p.add_argument("--out", help="write a markdown result file here")
+    p.add_argument("--hook-profile", choices=["time", "calls"],
+                   help="tessera only: time its hooks (time) or count their calls into C++ (calls); see hook_profile.py")
     args = p.parse_args()
+    if args.hook_profile:
+        args.frameworks = ["tessera"]
     with tempfile.TemporaryDirectory() as d:
         out_file = os.path.join(d, "result.pt")
         mp.spawn(worker, args=(args.world, os.path.join(d, "init"), args, out_file), nprocs=args.world)
@@ -134,6 +153,12 @@ def main():
     if base and "tessera" in res:
         lines += ["", f"**tessera / FSDP2 step-time ratio: {res['tessera']['median_s'] / base:.3f}** "
                       "(< 1.0 means tessera is faster)"]
+    if "_hooks" in res:
+        h = res["_hooks"]
+        lines += ["", f"hooks ({args.hook_profile}), rank 0, per unit per step: {h['us_per_unit_step']:.1f} us in "
+                      f"{h['hook_calls_per_unit_step']:.2f} hook calls; calls into C++ from hooks: "
+                      f"{h['cpp_calls_in_hooks_per_unit_step']:.2f}; calls into C++ per step in all: "
+                      f"{h['cpp_calls_per_step']:.1f}"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -20,7 +20,10 @@ from tessera.errors import (
     StateError,
     TesseraError,
 )
-from tessera.shard.api import MixedPrecision, ShardingStrategy, set_requires_gradient_sync, shard
+# `tessera.shard` is the package tessera/shard, callable as tessera.shard(module, ...) (see its __init__.py).
+from tessera import shard
+from tessera.shard.api import set_requires_gradient_sync
+from tessera.shard.types import MixedPrecision, ShardingStrategy
 from tessera.shard.clip import clip_grad_norm_
 from tessera.shard.state_dict import full_state_dict, load_full_state_dict
 

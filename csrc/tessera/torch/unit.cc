@@ -24,10 +24,13 @@ void ResizeStorage(const at::Tensor& t, int64_t nbytes) {
   impl->set_nbytes(nbytes);
 }
 
-std::vector<BufferView> Views(const std::vector<at::Tensor>& ts) {
+absl::StatusOr<std::vector<BufferView>> Views(const std::vector<at::Tensor>& ts, const std::string& what) {
   std::vector<BufferView> out;
   out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(*ViewOf(t, "tensor"));
+  for (const auto& t : ts) {
+    TESSERA_ASSIGN_OR_RETURN(BufferView v, ViewOf(t, what));
+    out.push_back(v);
+  }
   return out;
 }
 
@@ -141,7 +144,10 @@ absl::Status Unit::StartUnshard(uintptr_t stream) {
   } else {
     TESSERA_ASSIGN_OR_RETURN(BufferView in, ViewOf(gather_in_, options_.name + " all-gather input"));
     TESSERA_ASSIGN_OR_RETURN(BufferView out, ViewOf(gather_out_, options_.name + " all-gather output"));
-    auto work = comm_->AllGather(in, out, CollOpts(stream));
+    comm::CollectiveOptions copts = CollOpts(stream);
+    copts.tag = absl::StrFormat("%s parameter all-gather of unit '%s'", backward_pass_ ? "backward" : "forward",
+                                options_.name);
+    auto work = comm_->AllGather(in, out, copts);
     TESSERA_RETURN_IF_ERROR_CTX(work.status(), options_.name, ": unshard");
     gather_work_ = std::move(work).value();
   }
@@ -163,8 +169,9 @@ absl::Status Unit::WaitUnshard(uintptr_t stream) {
   }
   ResizeStorage(full_flat_, full_nbytes_);
   TESSERA_ASSIGN_OR_RETURN(BufferView src, ViewOf(gather_out_, options_.name + " all-gather output"));
+  TESSERA_ASSIGN_OR_RETURN(std::vector<BufferView> dst, Views(full_params_, options_.name + " unsharded parameter"));
   TESSERA_RETURN_IF_ERROR_CTX(
-      kernels::CopyOut(src, plan_, plan_.shard_numel(), Views(full_params_), reinterpret_cast<void*>(stream)),
+      kernels::CopyOut(src, plan_, plan_.shard_numel(), dst, reinterpret_cast<void*>(stream)),
       options_.name, ": copy-out");
   gather_out_ = at::Tensor();
   state_ = shard::UnitState::kUnsharded;
@@ -187,26 +194,77 @@ absl::Status Unit::Reshard() {
   return absl::OkStatus();
 }
 
-absl::Status Unit::StartReduce(const std::vector<at::Tensor>& grads, uintptr_t stream) {
-  if (reduce_state_ != shard::ReduceState::kIdle) {
-    return absl::FailedPreconditionError(
-        absl::StrFormat("%s: a gradient reduction is already in flight; wait for it first", options_.name));
+absl::Status Unit::AdoptParams(const std::vector<at::Tensor>& sharded, const std::vector<at::Tensor>& full) {
+  if (static_cast<int64_t>(sharded.size()) != num_params() || static_cast<int64_t>(full.size()) != num_params()) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: %d sharded and %d unsharded tensors for %d parameters",
+                                                      options_.name, sharded.size(), full.size(), num_params()));
   }
-  if (static_cast<int64_t>(grads.size()) != num_trainable_) {
-    return absl::InvalidArgumentError(absl::StrFormat("%s: %d gradients given for %d trainable parameters",
-                                                      options_.name, grads.size(), num_trainable_));
+  for (int64_t i = 0; i < num_params(); ++i) {
+    const bool same = sharded[i].data_ptr() == sharded_params_[i].data_ptr() &&
+                      sharded[i].numel() == sharded_params_[i].numel() &&
+                      full[i].unsafeGetTensorImpl()->storage().is_alias_of(full_params_[i].storage()) &&
+                      full[i].sizes() == full_params_[i].sizes();
+    if (!same) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: the tensors given for '%s' do not alias the unit's own views", options_.name, names_[i]));
+    }
+  }
+  sharded_params_ = sharded;
+  full_params_ = full;
+  return absl::OkStatus();
+}
+
+std::pair<int64_t, int64_t> Unit::OwnedRange(int64_t i) const {
+  const int shard_rank = plan_.world() == 1 ? 0 : group_rank_;
+  return {plan_.LocalStart(i, shard_rank), plan_.LocalNumel(i, shard_rank)};
+}
+
+absl::Status Unit::SyncRequiresGrad() {
+  for (int64_t i = 0; i < num_params(); ++i) {
+    const bool want = sharded_params_[i].requires_grad();
+    if (want == full_params_[i].requires_grad()) continue;
+    if (want && i >= num_trainable_) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "%s: parameter '%s' was frozen (requires_grad=False) when tessera.shard was called, so it has no gradient "
+          "buffer, and requires_grad_(True) after sharding cannot take effect; make it trainable before "
+          "tessera.shard (freezing it afterwards with requires_grad_(False) works)", options_.name, names_[i]));
+    }
+    full_params_[i].set_requires_grad(want);
+  }
+  return absl::OkStatus();
+}
+
+bool Unit::WantsReduce() const {
+  if (!requires_grad_sync_) return false;
+  for (int64_t i = 0; i < num_trainable_; ++i) {
+    if (full_params_[i].requires_grad()) return true;
+  }
+  return false;
+}
+
+absl::Status Unit::StartReduce(uintptr_t stream) {
+  if (reduce_state_ == shard::ReduceState::kReducing) {
+    TESSERA_RETURN_IF_ERROR(FinishReduce(stream));  // an earlier backward pass of this unit in the same step
   }
   c10::NoGradGuard no_grad;
+  const int64_t k = num_trainable_;
   const auto opts = flat_shard_.options().dtype(reduce_dtype_);
   std::vector<at::Tensor> keep;  // zero stand-ins for missing gradients stay alive through the copy
   std::vector<BufferView> views;
-  for (int64_t i = 0; i < num_trainable_; ++i) {
-    at::Tensor g = grads[i];
+  reduce_local_has_.assign(k, 0);
+  reduce_requires_grad_.assign(k, 0);
+  std::vector<float> flags(k, 0.0f);
+  for (int64_t i = 0; i < k; ++i) {
+    at::Tensor g = full_params_[i].grad();
+    reduce_requires_grad_[i] = full_params_[i].requires_grad();
     if (!g.defined()) {
       g = at::zeros({plan_.slot(i).numel}, opts);
     } else if (g.numel() != plan_.slot(i).numel) {
       return absl::InvalidArgumentError(absl::StrFormat("%s: gradient of '%s' has %d elements, expected %d",
                                                         options_.name, names_[i], g.numel(), plan_.slot(i).numel));
+    } else {
+      reduce_local_has_[i] = 1;
+      flags[i] = 1.0f;
     }
     g = g.contiguous();
     keep.push_back(g);
@@ -214,25 +272,34 @@ absl::Status Unit::StartReduce(const std::vector<at::Tensor>& grads, uintptr_t s
     views.push_back(v);
   }
   const int64_t s = trainable_shard_numel();
+  const int64_t stride = s + k;  // each rank's block: its gradient shard, then the flags
   const int w = plan_.world();
-  reduce_in_ = at::empty({s * w}, opts);
+  reduce_in_ = at::empty({stride * w}, opts);
   TESSERA_ASSIGN_OR_RETURN(BufferView in, ViewOf(reduce_in_, options_.name + " reduce input"));
   // Pre-divide by the group size so the sum is the average (gloo has no AVG; keeps bf16 sums in range).
-  TESSERA_RETURN_IF_ERROR_CTX(kernels::CopyIn(views, plan_, s, 1.0 / group_size_, in,
+  TESSERA_RETURN_IF_ERROR_CTX(kernels::CopyIn(views, plan_, stride, 1.0 / group_size_, in,
                                               reinterpret_cast<void*>(stream)),
                               options_.name, ": copy-in");
+  if (k > 0) {
+    at::Tensor f = at::from_blob(flags.data(), {1, k}, at::kFloat).to(opts.device(flat_shard_.device()));
+    reduce_in_.view({w, stride}).narrow(1, s, k).copy_(f.expand({w, k}));
+  }
+  for (int64_t i = 0; i < k; ++i) full_params_[i].mutable_grad().reset();
+  comm::CollectiveOptions copts = CollOpts(stream);
+  copts.tag = absl::StrFormat("backward gradient %s of unit '%s'", plan_.world() == 1 ? "all-reduce" : "reduce-scatter",
+                              options_.name);
   if (group_size_ == 1) {
     reduce_out_ = reduce_in_;
     reduce_work_ = std::make_unique<comm::DoneWork>();
   } else if (w == 1) {  // NO_SHARD: every rank keeps the whole averaged gradient
     reduce_out_ = reduce_in_;
-    auto work = comm_->AllReduce(in, comm::ReduceOp::kSum, CollOpts(stream));
+    auto work = comm_->AllReduce(in, comm::ReduceOp::kSum, copts);
     TESSERA_RETURN_IF_ERROR_CTX(work.status(), options_.name, ": gradient all-reduce");
     reduce_work_ = std::move(work).value();
   } else {
-    reduce_out_ = at::empty({s}, opts);
+    reduce_out_ = at::empty({stride}, opts);
     TESSERA_ASSIGN_OR_RETURN(BufferView out, ViewOf(reduce_out_, options_.name + " reduce output"));
-    auto work = comm_->ReduceScatter(in, out, comm::ReduceOp::kSum, CollOpts(stream));
+    auto work = comm_->ReduceScatter(in, out, comm::ReduceOp::kSum, copts);
     TESSERA_RETURN_IF_ERROR_CTX(work.status(), options_.name, ": gradient reduce-scatter");
     reduce_work_ = std::move(work).value();
   }
@@ -240,17 +307,66 @@ absl::Status Unit::StartReduce(const std::vector<at::Tensor>& grads, uintptr_t s
   return absl::OkStatus();
 }
 
-absl::StatusOr<at::Tensor> Unit::WaitReduce(uintptr_t stream) {
-  if (reduce_state_ != shard::ReduceState::kReducing) {
-    return absl::FailedPreconditionError(absl::StrFormat("%s: no gradient reduction in flight", options_.name));
-  }
+absl::Status Unit::FinishReduce(uintptr_t stream) {
+  if (reduce_state_ != shard::ReduceState::kReducing) return absl::OkStatus();
   absl::Status waited = reduce_work_->Wait();
   reduce_work_.reset();
   reduce_state_ = shard::ReduceState::kIdle;
   at::Tensor out = std::move(reduce_out_);
   reduce_in_ = reduce_out_ = at::Tensor();
   TESSERA_RETURN_IF_ERROR_CTX(waited, options_.name, ": gradient reduction");
-  return out;
+  c10::NoGradGuard no_grad;
+  const int64_t k = num_trainable_;
+  const int64_t s = trainable_shard_numel();
+  at::Tensor reduced = out.narrow(0, 0, s);
+  // Which parameters got a gradient on some rank: see [Note: gradients that no rank produced].
+  std::vector<char> has(reduce_local_has_);
+  bool need_flags = false;
+  for (int64_t i = 0; i < k; ++i) need_flags |= reduce_requires_grad_[i] && !reduce_local_has_[i];
+  if (need_flags && group_size_ > 1) {
+    at::Tensor flags = out.narrow(0, s, k).to(at::kCPU, at::kFloat);
+    const float* f = flags.data_ptr<float>();
+    for (int64_t i = 0; i < k; ++i) has[i] = f[i] > 0.5f;
+  }
+  bool all_have = true, all_empty = true, all_views = true;
+  for (int64_t i = 0; i < k; ++i) {
+    const at::Tensor& g = sharded_params_[i].grad();
+    all_have &= has[i] != 0;
+    all_empty &= !g.defined();
+    all_views &= g.defined() && g.is_same(sharded_grads_[i]);
+  }
+  if (all_have && all_empty) {  // the usual first reduction of a step: one copy, then point .grad at the views
+    flat_grad_shard_.copy_(reduced);
+    for (int64_t i = 0; i < k; ++i) sharded_params_[i].mutable_grad() = sharded_grads_[i];
+  } else if (all_have && all_views) {  // a later reduction in the same step: one add
+    flat_grad_shard_.add_(reduced.to(flat_grad_shard_.scalar_type()));
+  } else {
+    for (int64_t i = 0; i < k; ++i) {
+      if (!has[i]) continue;
+      const at::Tensor& view = sharded_grads_[i];
+      at::Tensor part = reduced.narrow(0, plan_.slot(i).shard_offset, view.numel());
+      at::Tensor& grad = sharded_params_[i].mutable_grad();
+      if (!grad.defined()) {
+        view.copy_(part);
+        grad = view;
+      } else {
+        grad.add_(part.to(grad.scalar_type()).view(grad.sizes()));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Unit::DropBackward(uintptr_t stream) {
+  absl::Status status;
+  if (reduce_state_ == shard::ReduceState::kReducing) {
+    status = reduce_work_->Wait();  // its result is dropped: the gradients are incomplete
+    reduce_work_.reset();
+    reduce_in_ = reduce_out_ = at::Tensor();
+    reduce_state_ = shard::ReduceState::kIdle;
+  }
+  for (int64_t i = 0; i < num_trainable_; ++i) full_params_[i].mutable_grad().reset();
+  return WithContext(status, options_.name + ": dropping the reduction of a backward that raised");
 }
 
 absl::Status Unit::LoadFullParam(int64_t i, const at::Tensor& full) {
@@ -286,7 +402,8 @@ absl::StatusOr<std::vector<at::Tensor>> Unit::GatherFull() {
     TESSERA_RETURN_IF_ERROR_CTX(work->Wait(), options_.name, ": gathering the full parameters");
   }
   TESSERA_ASSIGN_OR_RETURN(BufferView src, ViewOf(out, "gather output"));
-  TESSERA_RETURN_IF_ERROR_CTX(kernels::CopyOut(src, plan_, plan_.shard_numel(), Views(full), nullptr), options_.name,
+  TESSERA_ASSIGN_OR_RETURN(std::vector<BufferView> dst, Views(full, options_.name + " gathered parameter"));
+  TESSERA_RETURN_IF_ERROR_CTX(kernels::CopyOut(src, plan_, plan_.shard_numel(), dst, nullptr), options_.name,
                               ": copy-out");
   return full;
 }

@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -18,6 +19,7 @@
 #include "absl/time/time.h"
 #include "tessera/comm/communicator.h"
 #include "tessera/shard/plan.h"
+#include "tessera/shard/schedule.h"
 #include "tessera/shard/state.h"
 
 namespace tessera::torch_rt {
@@ -27,10 +29,16 @@ struct UnitOptions {
   bool shard = true;                           // false: NO_SHARD (replicated; gradients all-reduced)
   std::optional<at::ScalarType> param_dtype;   // dtype the module computes with (default: the shard's dtype)
   std::optional<at::ScalarType> reduce_dtype;  // dtype gradients are reduced in (default: param_dtype)
-  absl::Duration timeout = absl::Minutes(10);  // for every collective of this unit
+  absl::Duration timeout = comm::kDefaultCollectiveTimeout;  // for every collective of this unit
 };
 
-class Unit {
+// [Note: gradients that no rank produced] A parameter that got no gradient in a step (unused, or not reached by
+// the loss) must keep `grad` undefined, so the optimizer leaves it alone (no weight decay, no step count), as in one
+// process. Whether *some* rank produced one is a global fact: every rank appends one flag per trainable parameter
+// (1 = it has a gradient) to each rank's block of the reduce-scatter input, so the reduction sums them with the
+// gradients at no extra collective. A rank reads the summed flags only when it lacks a gradient itself that
+// another rank may have (reading them syncs the host with a CUDA stream); otherwise its own gradients say it all.
+class Unit final : public shard::UnitOps {
  public:
   // `params` are the original full parameters in layout order (the first `num_trainable` require grad), all on
   // one device with one floating dtype; `names` name them in errors.
@@ -57,23 +65,46 @@ class Unit {
   // Whether the unsharded parameters alias the shard (one rank or NO_SHARD without a cast): nothing to gather.
   bool full_aliases_shard() const { return full_aliases_shard_; }
 
+  // Replaces the views above with the tensors the module really holds (nn.Parameter objects made from those
+  // views, same storage), so that requires_grad and .grad read and written here are the module's.
+  absl::Status AdoptParams(const std::vector<at::Tensor>& sharded, const std::vector<at::Tensor>& full);
+  // Which elements of parameter i (flattened) this rank owns: [start, start + count). From the plan only.
+  std::pair<int64_t, int64_t> OwnedRange(int64_t i) const;
+  const std::string& param_name(int64_t i) const { return names_[i]; }
+  const std::vector<int64_t>& param_shape(int64_t i) const { return shapes_[i]; }
+  int group_rank() const { return group_rank_; }
+  int group_size() const { return group_size_; }
+
+  // ---- shard::UnitOps (driven by shard::StepSchedule) ----
+  const std::string& unit_name() const override { return options_.name; }
+  void SetPassForTags(bool backward) override { backward_pass_ = backward; }
+  bool IsSharded() const override { return state_ == shard::UnitState::kSharded; }
   // Issues the all-gather of the shard (cast to param_dtype first). No-op unless sharded.
-  absl::Status StartUnshard(uintptr_t stream = 0);
+  absl::Status StartUnshard(uintptr_t stream) override;
   // Waits for it and copies out into full_params(). No-op if already unsharded.
-  absl::Status WaitUnshard(uintptr_t stream = 0);
+  absl::Status WaitUnshard(uintptr_t stream) override;
   // Frees the unsharded storage (autograd's saved references see it again after the next unshard).
-  absl::Status Reshard();
+  absl::Status Reshard() override;
+  // The sharded parameters' requires_grad is what the user sets between steps (module.parameters() yields them);
+  // the unsharded ones, which autograd sees, follow it here. A parameter frozen when the unit was made has no
+  // gradient buffer: unfreezing it is a FailedPrecondition naming it.
+  absl::Status SyncRequiresGrad() override;
+  bool WantsReduce() const override;
+  // Copies in the trainable parameters' unsharded gradients (undefined = zero), pre-divided by the group size, with
+  // one flag each (see [Note: gradients that no rank produced]); issues the reduce-scatter (all-reduce for NO_SHARD)
+  // and clears the unsharded gradients. A reduction still in flight is finished first.
+  absl::Status StartReduce(uintptr_t stream) override;
+  bool Reducing() const override { return reduce_state_ == shard::ReduceState::kReducing; }
+  // Waits for the reduction and adds the result into the sharded parameters' .grad (views of flat_grad_shard()).
+  absl::Status FinishReduce(uintptr_t stream) override;
+  absl::Status DropBackward(uintptr_t stream) override;
+
+  bool requires_grad_sync() const { return requires_grad_sync_; }
+  void set_requires_grad_sync(bool on) { requires_grad_sync_ = on; }
   // All-gathers issued so far, and how many of them were freed by Reshard() before any WaitUnshard() used them
   // (a prefetch nobody needed): the runtime's schedule is checked against these.
   int64_t gathers_started() const { return gathers_started_; }
   int64_t gathers_discarded() const { return gathers_discarded_; }
-
-  // Copies in the trainable parameters' full gradients (undefined = zero), pre-divided by the group size, and
-  // issues the reduce-scatter (all-reduce for NO_SHARD).
-  absl::Status StartReduce(const std::vector<at::Tensor>& grads, uintptr_t stream = 0);
-  // Waits for it; returns this rank's reduced flat gradient (trainable_shard_numel() elements, reduce dtype).
-  absl::StatusOr<at::Tensor> WaitReduce(uintptr_t stream = 0);
-  bool reducing() const { return reduce_state_ == shard::ReduceState::kReducing; }
 
   // Copies a full tensor's local chunk into the shard of parameter i (loading a full state dict).
   absl::Status LoadFullParam(int64_t i, const at::Tensor& full);
@@ -109,7 +140,11 @@ class Unit {
   std::unique_ptr<comm::Work> gather_work_;
 
   shard::ReduceState reduce_state_ = shard::ReduceState::kIdle;
+  bool requires_grad_sync_ = true;
+  bool backward_pass_ = false;  // for collective tags
   at::Tensor reduce_in_, reduce_out_;
+  std::vector<char> reduce_local_has_;      // per trainable parameter: this rank handed a gradient to the reduction
+  std::vector<char> reduce_requires_grad_;  // per trainable parameter: it required grad when the reduction began
   std::unique_ptr<comm::Work> reduce_work_;
 };
 

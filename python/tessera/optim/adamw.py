@@ -38,12 +38,12 @@ class AdamW(torch.optim.Optimizer):
         if index >= 0 and index < unit.num_trainable:
             flat = self._flat_state.get(id(unit))
             if flat is None:
-                n = unit.unit.trainable_shard_numel
-                like = unit.unit.flat_shard
+                n = unit.trainable_shard_numel
+                like = unit.flat_shard
                 flat = (torch.zeros(n, dtype=like.dtype, device=like.device),
                         torch.zeros(n, dtype=like.dtype, device=like.device))
                 self._flat_state[id(unit)] = flat
-            off = unit.unit.shard_offset(index)
+            off = unit.shard_offset(index)
             state["exp_avg"] = flat[0][off : off + p.numel()]
             state["exp_avg_sq"] = flat[1][off : off + p.numel()]
         else:
@@ -92,12 +92,11 @@ class AdamW(torch.optim.Optimizer):
     def _step_run(self, run, hyper) -> None:
         unit, first, last, step = run
         fences.wait_for_unit(unit)  # only this unit's pieces must be staged: see [Note: checkpoint consistency]
-        u = unit.unit
-        start = u.shard_offset(first)
-        end = u.shard_offset(last + 1) if last + 1 < u.num_trainable else u.trainable_shard_numel
+        start = unit.shard_offset(first)
+        end = unit.shard_offset(last + 1) if last + 1 < unit.num_trainable else unit.trainable_shard_numel
         m, v = self._flat_state[id(unit)]
-        _C.adamw_step(u.flat_shard[start:end], u.flat_grad_shard[start:end], m[start:end], v[start:end], *hyper,
-                      step, unit._stream())
+        _C.adamw_step(unit.flat_shard[start:end], unit.flat_grad_shard[start:end], m[start:end], v[start:end],
+                      *hyper, step, unit.stream)
 
 
 def _stream(p: torch.Tensor) -> int:

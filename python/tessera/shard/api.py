@@ -2,41 +2,15 @@
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-
-import torch
 import torch.nn as nn
 
 from tessera import knobs
 from tessera.errors import InvalidArgumentError, NotSupportedError, StateError
 from tessera.shard import comm as _comm
-from tessera.shard.runtime import ParamInfo, UnitRuntime, unit_of, managed_by
+from tessera.shard.runtime import ParamInfo, UnitRuntime, managed_by, unit_of
+from tessera.shard.types import MixedPrecision, ShardingStrategy
 
-
-class ShardingStrategy(enum.Enum):
-    FULL_SHARD = "full_shard"  # ZeRO-3: parameters, gradients, optimizer state sharded; params freed after forward
-    SHARD_GRAD_OP = "shard_grad_op"  # ZeRO-2: params kept unsharded from forward until after backward
-    NO_SHARD = "no_shard"  # DDP-like: replicated parameters, all-reduced gradients
-    HYBRID_SHARD = "hybrid_shard"  # shard within a node, replicate across nodes (not yet supported)
-
-
-@dataclass(frozen=True, kw_only=True)
-class MixedPrecision:
-    """param_dtype: dtype the module computes with (the shard keeps full precision); reduce_dtype: dtype
-    gradients are reduced in (default: param_dtype)."""
-
-    param_dtype: torch.dtype | None = None
-    reduce_dtype: torch.dtype | None = None
-
-    def __post_init__(self):
-        allowed = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-        for field in ("param_dtype", "reduce_dtype"):
-            value = getattr(self, field)
-            if value is not None and value not in allowed:
-                raise InvalidArgumentError(
-                    f"MixedPrecision.{field}={value} is not supported; expected one of {allowed} or None"
-                )
+__all__ = ["MixedPrecision", "ShardingStrategy", "set_requires_gradient_sync", "shard"]
 
 
 def shard(
@@ -52,6 +26,13 @@ def shard(
     Apply bottom-up: each block first, then the root. Afterwards `module.parameters()` yields this rank's local
     shards (1-D tensors) and `module(x)` computes what the unsharded module computed. Activation checkpointing
     (torch.utils.checkpoint, reentrant or not) may wrap the module before sharding or sit inside it.
+
+    Between steps, `requires_grad_()` on the module's parameters takes effect at the next forward (a parameter
+    that gets no gradient in a step keeps `grad=None`, as in one process). A parameter frozen when shard() is
+    called has no gradient buffer: unfreezing it later raises tessera.StateError at the next forward, naming it.
+
+    Raises InvalidArgumentError (bad module, option, dtype or device), StateError (already sharded),
+    NotSupportedError (HYBRID_SHARD).
     """
     if not isinstance(module, nn.Module):
         raise InvalidArgumentError(f"tessera.shard expects an nn.Module, got {type(module).__name__}")

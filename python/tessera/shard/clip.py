@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tessera import _C
+from tessera import _C, knobs
 from tessera.errors import InvalidArgumentError, NotSupportedError
 from tessera.shard.state_dict import units_in
 
@@ -26,12 +26,13 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) 
         (sharded if unit.sharded else replicated).extend(g)
     device = units[0].device
     comm = units[0].comm
-    sq = _C.squared_norm(sharded, units[0]._stream()) if sharded else torch.zeros(1, device=device)
+    stream = units[0].stream
+    sq = _C.squared_norm(sharded, stream) if sharded else torch.zeros(1, device=device)
     sq = sq.to(torch.float64)
     if sharded and comm.size > 1:
-        comm.all_reduce_(sq, "sum", stream=units[0]._stream())
+        comm.all_reduce_(sq, "sum", timeout_s=knobs.load().collective_timeout_s, stream=stream)
     if replicated:
-        sq += _C.squared_norm(replicated, units[0]._stream()).to(torch.float64)
+        sq += _C.squared_norm(replicated, stream).to(torch.float64)
     total = sq.sqrt().to(torch.float32).reshape(())
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     if grads:

@@ -39,7 +39,7 @@ def shard_model(model, strategy, mp=None, ac=None):
 
 
 def train_tessera(rank, world, *, strategy, steps=4, lr=1e-2, clip=None, optimizer="tessera", accum=1, mp=None,
-                  split_forward=False, ac=None, counts=False, fail_first_backward=False):
+                  split_forward=False, two_backward=False, ac=None, counts=False, fail_first_backward=False):
     """Returns (per-step global losses, per-step grad norms, full_state_dict with the unwrapped model's keys) from
     `world` gloo ranks; with counts, also each unit's (all-gathers started, all-gathers discarded unused)."""
     model = shard_model(make_model(), strategy, mp, ac)
@@ -58,12 +58,23 @@ def train_tessera(rank, world, *, strategy, steps=4, lr=1e-2, clip=None, optimiz
             lo = k * GLOBAL_BATCH + rank * per
             tessera.set_requires_gradient_sync(model, k == accum - 1)
             xs, ys = x[lo : lo + per], y[lo : lo + per]
-            if split_forward:  # two forwards (halves of the batch) and one backward through both
+            if split_forward or two_backward:  # two forwards (halves of the batch)
                 h = per // 2
-                loss = (h * loss_fn(model, xs[:h], ys[:h]) + (per - h) * loss_fn(model, xs[h:], ys[h:])) / per / accum
+                loss1 = h * loss_fn(model, xs[:h], ys[:h]) / per / accum
+                loss2 = (per - h) * loss_fn(model, xs[h:], ys[h:]) / per / accum
+                if two_backward:  # loss1.backward(); loss2.backward(): the gradients must add up
+                    loss1.backward()
+                    loss2.backward()
+                    loss = (loss1 + loss2).detach()
+                else:  # one backward through both
+                    loss = loss1 + loss2
+                    loss.backward()
             else:
                 loss = loss_fn(model, xs, ys) / accum
-            loss.backward()
+                loss.backward()
+            # After backward, module.parameters() are the local 1-D shards again (the root's too).
+            bad = [tuple(p.shape) for p in model.parameters() if p.dim() != 1]
+            assert not bad, f"after backward, module.parameters() yields unsharded tensors of shapes {bad}"
             total += loss.detach().float()
         if clip is not None:
             norms.append(tessera.clip_grad_norm_(model, clip).item())

@@ -98,7 +98,7 @@ def _wait_under_saved_tensor_hooks(rank, world):
             unit.start_unshard()
             unit.wait_unshard()
             unit.reshard()
-    assert unit.state == "sharded"
+    assert unit.state == _C.UnitState.SHARDED
 
 
 def test_unit_waits_release_the_gil():

@@ -95,6 +95,17 @@ def test_two_forwards_one_backward(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", [S.FULL_SHARD, S.NO_SHARD])
+def test_two_backward_calls_in_one_step(tmp_path, strategy):
+    # Two forwards, then loss1.backward(); loss2.backward(): every parameter gets grad(loss1) + grad(loss2), as in
+    # one process. Before the fix the root unit's own parameters (embedding/head, norm) kept only the first pass's
+    # gradient, the second leaked into the next step, and model.parameters() yielded the root's 2-D tensors.
+    losses, _, state = _run(tmp_path, 2, strategy=strategy, two_backward=True, steps=3)
+    ref_losses, _, ref_state = train_reference(steps=3)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    _assert_state_close(state, ref_state, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", [S.FULL_SHARD, S.NO_SHARD])
 def test_gradient_accumulation_without_sync(tmp_path, strategy):
     # Two micro-batches, the first without gradient reduction: equals one step on both micro-batches.
     losses, _, state = _run(tmp_path, 2, strategy=strategy, accum=2, steps=3)
