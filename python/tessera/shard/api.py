@@ -12,6 +12,7 @@ from tessera import knobs
 from tessera.errors import InvalidArgumentError, NotSupportedError, StateError
 from tessera.shard import comm as _comm
 from tessera.shard.runtime import ParamInfo, UnitRuntime, unit_of, managed_by
+from tessera.shard.state_dict import install_state_dict_hooks
 
 
 class ShardingStrategy(enum.Enum):
@@ -106,6 +107,7 @@ def shard(
         timeout_s=knobs.load().collective_timeout_s,
     )
     runtime.install()
+    install_state_dict_hooks(runtime)  # state_dict() / load_state_dict() with full tensors
     return module
 
 
