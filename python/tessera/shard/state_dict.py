@@ -145,8 +145,8 @@ def _check_full_shape(what: str, key: str, value: torch.Tensor, full_shape) -> N
                 "model.state_dict(), tessera.full_state_dict(model) or the unsharded model give, or use "
                 "tessera.load_full_state_dict)")
     raise InvalidArgumentError(
-        f"{what}: '{key}' has shape {tuple(value.shape)} in the state dict but the unsharded parameter has shape "
-        f"{tuple(full_shape)}{hint}"
+        f"{what}: '{key}' has shape {tuple(value.shape)} in the state dict but {tuple(full_shape)} in the module "
+        f"(the full, unsharded shape){hint}"
     )
 
 
