@@ -73,10 +73,14 @@ def _assert_same_state(got, want, what):
         assert torch.equal(g, v), f"{what}: {k} values differ"
 
 
-def _state_dict_like_unsharded(rank, world, strategy_name):
+def _state_dict_like_unsharded(rank, world, strategy_name, bf16):
     strategy = tessera.ShardingStrategy[strategy_name]
     want = make_model(seed=0).state_dict()
-    model = shard_model(make_model(seed=0), strategy)
+    # Under mixed precision the module computes in bf16, but state_dict() gives the fp32 shards' values.
+    mp = tessera.MixedPrecision(param_dtype=torch.bfloat16) if bf16 else None
+    model = shard_model(make_model(seed=0), strategy, mp)
+    if bf16:
+        model(make_batches(1, 2)[0][0]).sum().backward()  # leaves the bf16 copies behind, as training does
     gathers = _count_gathers()
     got = model.state_dict()
     _assert_same_state(got, want, "model.state_dict()")
@@ -101,9 +105,10 @@ def _state_dict_like_unsharded(rank, world, strategy_name):
     assert gathers[0] == 0, f"key-only state_dict() calls gathered {gathers[0]} times"
 
 
-@pytest.mark.parametrize("world,strategy", [(2, "FULL_SHARD"), (3, "FULL_SHARD"), (2, "NO_SHARD")])
-def test_state_dict_equals_unsharded(world, strategy):
-    run_ranks(world, _state_dict_like_unsharded, strategy)
+@pytest.mark.parametrize("world,strategy,bf16", [(2, "FULL_SHARD", False), (3, "FULL_SHARD", False),
+                                                 (2, "NO_SHARD", False), (2, "SHARD_GRAD_OP", True)])
+def test_state_dict_equals_unsharded(world, strategy, bf16):
+    run_ranks(world, _state_dict_like_unsharded, strategy, bf16)
 
 
 def _train(model, rank, world, opt, steps, seed=1):
@@ -209,6 +214,10 @@ def _strictness_and_errors(rank, world):
         fences.wait_all = original
     assert waits, "load_state_dict must wait for in-flight checkpoint staging (fences.wait_all)"
     _assert_same_state(model.state_dict(), new, "after a strict load")
+    # A submodule loads (and gives back) its own keys.
+    block = {k[len("blocks.1."):]: v for k, v in make_model(seed=4).state_dict().items() if k.startswith("blocks.1.")}
+    model.blocks[1].load_state_dict(block)
+    _assert_same_state(model.blocks[1].state_dict(), block, "blocks.1 after its own load_state_dict")
 
 
 def test_strict_non_strict_and_errors():
