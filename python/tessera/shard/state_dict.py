@@ -141,8 +141,8 @@ def _check_full_shape(what: str, key: str, value: torch.Tensor, full_shape) -> N
         return
     hint = ""
     if value.dim() == 1 and value.numel() <= torch.Size(full_shape).numel():
-        hint = (" (a 1-D tensor like this is what a rank's local shard looks like; pass full tensors, as "
-                "model.state_dict(), tessera.full_state_dict(model) or the unsharded model give, or use "
+        hint = ("; a 1-D tensor like this is what a rank's local shard looks like: pass full tensors, as "
+                "model.state_dict(), tessera.full_state_dict(model) or the unsharded model give them (or use "
                 "tessera.load_full_state_dict)")
     raise InvalidArgumentError(
         f"{what}: '{key}' has shape {tuple(value.shape)} in the state dict but {tuple(full_shape)} in the module "
