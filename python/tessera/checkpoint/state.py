@@ -111,7 +111,8 @@ def collect_module(key: str, module: nn.Module, rank: int, world: int, out: Coll
             seen.add(id(local))
             out.slots.append(_slot_for(place, place.name, local))
     # Parameters no unit manages (an unsharded module) and persistent buffers: rank 0 saves, every rank loads.
-    state_keys = set(module.state_dict().keys())
+    state_keys = {f"{prefix}.{b}" if prefix else b for prefix, m in module.named_modules()  # persistent buffers,
+                  for b in m._buffers if b not in m._non_persistent_buffers_set}  # no gathering state_dict()
     for name, p in module.named_parameters():
         if id(p) in seen or managed_by(p) is not None:
             continue

@@ -8,6 +8,7 @@ from tessera import knobs
 from tessera.errors import InvalidArgumentError, NotSupportedError, StateError
 from tessera.shard import comm as _comm
 from tessera.shard.runtime import ParamInfo, UnitRuntime, managed_by, unit_of
+from tessera.shard.state_dict import install_state_dict_hooks
 from tessera.shard.types import MixedPrecision, ShardingStrategy
 
 __all__ = ["MixedPrecision", "ShardingStrategy", "set_requires_gradient_sync", "shard"]
@@ -87,6 +88,7 @@ def shard(
         timeout_s=knobs.load().collective_timeout_s,
     )
     runtime.install()
+    install_state_dict_hooks(runtime)  # state_dict() / load_state_dict() with full tensors
     return module
 
 
