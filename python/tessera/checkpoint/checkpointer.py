@@ -24,9 +24,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tessera import _C, knobs
-from tessera.checkpoint import extras, fences, jsonio
+from tessera.checkpoint import extras, jsonio
 from tessera.checkpoint.state import Collected, collect_module, collect_optimizer, restore_optimizer_json
 from tessera.errors import CheckpointError, InvalidArgumentError, TesseraError
+from tessera.shard import fences
 
 log = logging.getLogger("tessera.checkpoint")
 

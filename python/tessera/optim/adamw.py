@@ -11,12 +11,15 @@ from __future__ import annotations
 import torch
 
 from tessera import _C
-from tessera.checkpoint import fences
 from tessera.errors import InvalidArgumentError
+from tessera.shard import fences
 from tessera.shard.runtime import managed_by
 
 
 class AdamW(torch.optim.Optimizer):
+    # It waits for staging per unit itself (see [Note: checkpoint consistency] in tessera/shard/fences.py).
+    fences_per_unit = True
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         if not 0.0 <= lr:
             raise InvalidArgumentError(f"AdamW: lr must be >= 0, got {lr}")

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from tessera.errors import InvalidArgumentError
+from tessera.shard import fences
 from tessera.shard.runtime import UnitRuntime, managed_by, unit_of
 
 _HOOKED_ATTR = "_tessera_state_dict_hooks"
@@ -99,8 +100,6 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Loads an unsharded state dict (e.g. from full_state_dict or the unsharded model) into the shards.
     Every key must match; shapes must match the unsharded parameters."""
-    from tessera.checkpoint import fences
-
     fences.wait_all()  # never overwrite shards a save is still staging
     keys = keys_by_location(module)
     with local_shards():
@@ -239,8 +238,6 @@ def _load_state_dict_pre_hook(module, state_dict, prefix, local_metadata, strict
         if found is None or not isinstance(state_dict.get(key), torch.Tensor):
             continue  # missing keys and non-tensors: torch reports them
         if not waited:
-            from tessera.checkpoint import fences  # local: tessera.checkpoint imports this module
-
             fences.wait_all()  # never overwrite shards a save is still staging
             waited = True
         unit, i = found

@@ -173,7 +173,7 @@ def test_load_train_save_roundtrip(tmp_path, world):
 
 
 def _strictness_and_errors(rank, world):
-    import tessera.checkpoint.fences as fences
+    import tessera.shard.fences as fences
 
     model = shard_model(make_model(seed=0), tessera.ShardingStrategy.FULL_SHARD)
     plain = make_model(seed=0)

@@ -1,4 +1,5 @@
-"""Staging fences: which saves are still copying which units' shards to host memory.
+"""Staging fences: which checkpoint saves are still copying which units' shards to host memory. They belong to the
+shard layer: the optimizer and state-dict loading wait on them without importing tessera.checkpoint.
 
 [Note: checkpoint consistency] Checkpointer.save() returns at once; the shards it saves are copied to host
 buffers in the background (staging) while training goes on. Forward and backward never modify parameter or
@@ -48,9 +49,8 @@ def wait_all() -> None:
 
 
 def _optimizer_pre_hook(optimizer, args, kwargs):
-    from tessera.optim import AdamW
-
-    if not isinstance(optimizer, AdamW) and _inflight:
+    # tessera.optim.AdamW (fences_per_unit) waits per unit itself, only for the units it is about to update.
+    if not getattr(optimizer, "fences_per_unit", False) and _inflight:
         wait_all()
 
 
