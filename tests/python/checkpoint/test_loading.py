@@ -26,9 +26,9 @@ class _WithEmpty(nn.Module):
         return self.tail(self.lin(x)) + self.empty.sum() + self.empty2d.sum()
 
 
-def _make(seed):
+def _make(seed, cls=_WithEmpty):
     torch.manual_seed(seed)
-    model = tessera.shard(_WithEmpty())
+    model = tessera.shard(cls())
     opt = tessera.optim.AdamW(model.parameters(), lr=0.1)
     return model, opt, {"model": model, "optim": opt, "train": {"step": 0}}
 
@@ -98,8 +98,18 @@ def _flip_a_bit_of(root, step, rank):
     return name, tensor
 
 
+class _Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.tail = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.tail(self.lin(x))
+
+
 def _load_damaged(rank, world, root):
-    model, opt, state = _make(0)
+    model, opt, state = _make(0, _Plain)
     ckpt = tessera.checkpoint.Checkpointer(root, keep_last=0)
     ckpt.save(1, state).wait()
     _train(model, opt, state, rank, 1)
@@ -126,7 +136,7 @@ def test_damage_in_another_ranks_file_is_named_on_every_rank(tmp_path):
 def test_load_latest_raises_naming_each_step_when_none_loads(tmp_path, single_rank_group):
     root = str(tmp_path / "ckpt")
     ckpt = tessera.checkpoint.Checkpointer(root, keep_last=0)
-    model, opt, state = _make(0)
+    model, opt, state = _make(0, _Plain)
     assert ckpt.load_latest(state) is None  # nothing committed yet: a fresh start
     for step in (1, 2):
         _train(model, opt, state, 0, 1)
