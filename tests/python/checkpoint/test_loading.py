@@ -123,7 +123,8 @@ def _load_damaged(rank, world, root):
         ckpt.load(2, state)
     msg = str(info.value)
     # Every rank, rank 0 included (its own reads succeed), names rank 1's damaged file and tensor.
-    assert f"rank 1: checksum mismatch in {os.path.join(root, 'step-0000000002', file)} for tensor '{tensor}'" in msg, msg
+    path = os.path.join(root, "step-0000000002", file)
+    assert f"rank 1: checksum mismatch in {path} for tensor '{tensor}'" in msg, msg
     assert "rank 0:" not in msg, msg
     # load_latest skips it (each rank warns with the same reason) and loads step 1.
     assert ckpt.load_latest(state) == 1
