@@ -385,6 +385,13 @@ absl::Status Writer::StageAndPersist(const SaveRequest& req, Plan& plan, SaveSta
       if (off + len < bytes) state.Publish(i, staged_bytes);
     }
     if (abort.load()) break;
+    if (req.after_staged) {  // before Publish: see SaveRequest::after_staged
+      staging = req.after_staged(i);
+      if (!staging.ok()) {
+        fail(staging);
+        break;
+      }
+    }
     state.Publish(i + 1, staged_bytes);
     if (bytes > 0) checksums[i] = Checksum(arena + plan.arena_offset[i], bytes);
   }

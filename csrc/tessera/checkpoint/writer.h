@@ -1,11 +1,12 @@
 // Saving: stage (copy each piece into host buffers reused across saves) then persist (a writer pool writes the
 // data file, XXH3 per piece, fsync) and commit (rank 0 merges every rank's index into the manifest once all are
 // durable, renames the step directory into place, updates `latest`, applies retention). Torch-free: the torch
-// layer hands it BufferViews. See [Note: checkpoint consistency] in python/tessera/checkpoint/checkpointer.py for
+// layer hands it BufferViews. See [Note: checkpoint consistency] in python/tessera/checkpoint/fences.py for
 // the rule the optimizer follows while a stage is in flight.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,6 +40,11 @@ struct SaveRequest {
   std::vector<SavePiece> pieces;  // staged in this order
   std::string rank_json = "{}";
   std::string global_json = "{}";  // used from rank 0
+  // Optional: called on the staging thread with piece i's index right after its bytes are in host memory and
+  // before it is published as staged (so no WaitStaged caller, e.g. an optimizer waiting to update that piece's
+  // source, has been released yet). A non-OK status fails the save like a staging error: the caller checks there
+  // that the source was not modified while it was copied (the torch layer compares tensor version counters).
+  std::function<absl::Status(int64_t)> after_staged;
 };
 
 struct WriterOptions {

@@ -1,5 +1,8 @@
 // Python bindings for the checkpoint engine (tessera.checkpoint's Checkpointer drives them).
 #include <optional>
+#include <tuple>
+
+#include "absl/strings/str_format.h"
 
 #include "tessera/checkpoint/reader.h"
 #include "tessera/checkpoint/writer.h"
@@ -24,6 +27,24 @@ struct PySaveHandle {
     if (!sources.empty() && handle->WaitAllStaged().ok()) sources.clear();
   }
 };
+
+// [Note: staged pieces must not change] The engine calls this right after piece i is copied to host memory and
+// before the piece is published as staged (SaveRequest::after_staged). A source whose version counter moved since
+// save() was written in place while it was being copied (or before): the staged bytes may be from either moment,
+// or a mix, so the save fails naming the tensor. Writes the staging fences allow (tessera's or torch's optimizer
+// step once the unit is staged) come after the publish and are never seen here. Views share their base's counter,
+// so a write through any view of a parameter counts. The counter is bumped when an in-place op returns (for CUDA,
+// when the kernel is queued), so a CPU write still running when the check happens escapes it; the staging fences,
+// not this check, are what keep tessera's own writes out. Inference tensors have no counter and are not checked.
+absl::Status CheckUnchanged(const std::string& name, const c10::VariableVersion& counter, uint32_t at_save) {
+  if (!counter.enabled()) return absl::OkStatus();
+  const uint32_t now = counter.current_version();
+  if (now == at_save) return absl::OkStatus();
+  return absl::AbortedError(absl::StrFormat(
+      "%s changed in place after save() while it was being staged (version %d -> %d); the checkpoint would mix "
+      "two moments. Modify it only after the optimizer step (which waits for staging) or after the save's wait()",
+      name, at_save, now));
+}
 
 std::shared_ptr<checkpoint::Storage> Local(const std::string& root) {
   return ValueOrThrow(checkpoint::NewLocalStorage(root));
@@ -81,8 +102,13 @@ void BindCheckpoint(py::module_& m) {
              req.rank_json = rank_json;
              req.global_json = global_json;
              auto h = std::make_shared<PySaveHandle>();
+             // Each source's version counter and its value now, for CheckUnchanged; the counters, not the
+             // tensors, so that nothing outlives staging.
+             std::vector<std::tuple<std::string, c10::VariableVersion, uint32_t>> versions;
              for (const auto& [name, shape, start, tensor] : pieces) {
-               at::Tensor t = tensor.contiguous();
+               const c10::VariableVersion& counter = tensor.unsafeGetTensorImpl()->version_counter();
+               versions.emplace_back(name, counter, counter.enabled() ? counter.current_version() : 0);
+               at::Tensor t = tensor.contiguous();  // a copy only when not contiguous: then taken now
                checkpoint::SavePiece p;
                p.name = name;
                p.shape = shape;
@@ -91,6 +117,10 @@ void BindCheckpoint(py::module_& m) {
                req.pieces.push_back(std::move(p));
                h->sources.push_back(std::move(t));
              }
+             req.after_staged = [versions = std::move(versions)](int64_t i) {
+               const auto& [name, counter, at_save] = versions[static_cast<size_t>(i)];
+               return CheckUnchanged(name, counter, at_save);
+             };
              absl::StatusOr<std::shared_ptr<SaveHandle>> made;
              {
                py::gil_scoped_release release;

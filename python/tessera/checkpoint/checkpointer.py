@@ -3,7 +3,8 @@
     ckpt = tessera.checkpoint.Checkpointer("/ckpt", keep_last=3)
     state = {"model": model, "optim": opt, "sched": scheduler, "rng": tessera.checkpoint.RNGState(),
              "train": {"step": 0, "data_pos": 0}}
-    start = ckpt.load_latest(state)          # None on a fresh start, else the step it resumed from
+    start = ckpt.load_latest(state)          # None on a fresh start, else the step it resumed from (raises
+                                             # CheckpointError if checkpoints exist but none loads)
     ...
     handle = ckpt.save(step, state)          # returns at once; training continues (see fences.py)
     handle.wait()                            # optional: blocks until committed, raises CheckpointError on failure
@@ -30,6 +31,9 @@ from tessera.errors import CheckpointError, InvalidArgumentError, TesseraError
 from tessera.shard import fences
 
 log = logging.getLogger("tessera.checkpoint")
+
+# A rank's load error shared with the other ranks is cut to this many bytes (the mismatch lists are already capped).
+_MAX_ERROR_BYTES = 8192
 
 # Every live Checkpointer, for the exit hook below.
 _live: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
@@ -117,14 +121,12 @@ class Checkpointer:
         del group
         if self.rank != 0:
             self._writer = new_writer()
-        # Fault injection (tests): "POINT[@STEP][#RANK]" kills this process at POINT of the save of STEP.
+        # Fault injection (tests): kills this process at a named point of a save (knobs.CrashPoint).
         self._crash_writer, self._crash_step = None, None
-        if k.checkpoint_crash_point:
-            point, _, rest = k.checkpoint_crash_point.partition("@")
-            step_s, _, rank_s = rest.partition("#")
-            if not rank_s or int(rank_s) == self.rank:
-                self._crash_step = int(step_s) if step_s else None
-                self._crash_writer = new_writer(crash_point=point)
+        crash = k.checkpoint_crash_point
+        if crash is not None and crash.rank in (None, self.rank):
+            self._crash_step = crash.step
+            self._crash_writer = new_writer(crash_point=crash.point)
         self._pending: SaveHandle | None = None
         self._saves = 0  # save() calls so far: the same on every rank (see [Note: save attempts] in writer.h)
         _live.add(self)
@@ -144,7 +146,10 @@ class Checkpointer:
 
     def save(self, step: int, state: dict) -> SaveHandle:
         """Starts saving `state` as checkpoint `step` and returns at once (one save runs at a time: a second
-        save first waits for the first). Plain values are captured now; tensors are staged in the background."""
+        save first waits for the first). The checkpoint is the state at this call: plain values, module buffers
+        and everything else that is not a unit's shard are copied now; unit shards (parameters, optimizer state)
+        are staged in the background, and one that is changed in place before its staging ended fails the save
+        (wait() raises CheckpointError naming it). See [Note: checkpoint consistency] in fences.py."""
         if not isinstance(step, int) or step < 0:
             raise InvalidArgumentError(f"Checkpointer.save: step must be a non-negative int, got {step!r}")
         attempt = self._saves
@@ -152,6 +157,11 @@ class Checkpointer:
         if self._pending is not None and not self._pending.done:
             self._pending.wait()
         collected, global_extra, rank_extra = self._collect(state, load=False)
+        for s in collected.slots:
+            if s.save is not None and s.unit is None:
+                # Not protected by a staging fence (a forward updates BatchNorm's running statistics at once):
+                # copied now. These are small; unit shards are checked instead ([Note: checkpoint consistency]).
+                s.save = s.save.clone()
         order = _stage_order(collected)
         pieces = [(s.name, list(s.shape), s.save_start, s.save) for s in order if s.save is not None]
         if any(t.is_cuda for *_, t in pieces):
@@ -173,28 +183,37 @@ class Checkpointer:
     # ---- loading ---------------------------------------------------------------------------------------------
 
     def load(self, step: int, state: dict) -> None:
-        """Loads checkpoint `step` into `state` (any world size or strategy); raises CheckpointError naming the
-        file and tensor if it is damaged or does not match. Nothing in `state` changes unless it all loads."""
+        """Loads checkpoint `step` into `state` (any world size or strategy). If any rank cannot read its part
+        (damaged, missing, or not matching the model), every rank raises the same CheckpointError, which has
+        "rank R: <message naming the file and tensor>" for each rank that failed. Nothing in `state` changes
+        unless it all loads."""
         fences.wait_all()
         error = self._try_load(step, state)
         if error is not None:
             raise error
 
     def load_latest(self, state: dict) -> int | None:
-        """Loads the newest checkpoint that every rank can read completely and returns its step; None if there
-        is none. Damaged or partial checkpoints are skipped (with a warning naming the problem)."""
+        """Loads the newest checkpoint that every rank can read completely and returns its step. Returns None
+        only if there is no committed checkpoint at all (a fresh start). A damaged or mismatching checkpoint is
+        skipped with a warning when an older one loads; if none loads, raises CheckpointError naming each step
+        and why (a job must not silently start over from step 0)."""
         fences.wait_all()
         steps = self._agree_steps()
         latest = _C.read_latest(self.root) if self.rank == 0 else None
         if self.rank == 0 and latest is not None and steps and latest != steps[0]:
             log.warning("tessera checkpoint: %s/latest names step %s but the newest committed step is %s; using "
                         "the committed steps", self.root, latest, steps[0])
+        failures = []
         for step in steps:
             error = self._try_load(step, state)
             if error is None:
                 return step
             log.warning("tessera checkpoint: skipping step %d: %s", step, error)
-        return None
+            failures.append(f"step {step}: {error}")
+        if not failures:
+            return None
+        raise CheckpointError(f"none of the {len(steps)} committed checkpoints in {self.root} could be loaded: "
+                              + " | ".join(failures))
 
     def committed_steps(self) -> list[int]:
         return list(_C.list_committed_steps(self.root))
@@ -214,12 +233,27 @@ class Checkpointer:
             steps = buf.tolist()
         return steps
 
-    def _all_ok(self, ok: bool) -> bool:
+    def _share_errors(self, error: str | None) -> dict[int, str]:
+        """Every rank's error (rank -> message; ranks without one are absent), the same dict on every rank. Sent
+        over the checkpointer's gloo group as UTF-8 bytes in uint8 tensors, lengths first (no pickle); each
+        message is cut at _MAX_ERROR_BYTES."""
+        mine = (error or "").encode("utf-8")[:_MAX_ERROR_BYTES]
         if self.world == 1:
-            return ok
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group)
-        return bool(flag.item())
+            return {0: error} if error else {}
+        group = self._group
+        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(lengths, torch.tensor([len(mine)], dtype=torch.int64), group=group)
+        sizes = [int(n.item()) for n in lengths]
+        width = max(sizes)
+        if width == 0:
+            return {}
+        buf = torch.zeros(width, dtype=torch.uint8)
+        if mine:
+            buf[:len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+        bufs = [torch.empty(width, dtype=torch.uint8) for _ in range(self.world)]
+        dist.all_gather(bufs, buf, group=group)
+        return {r: bytes(bufs[r][:n].tolist()).decode("utf-8", errors="replace")
+                for r, n in enumerate(sizes) if n}
 
     def _try_load(self, step: int, state: dict) -> CheckpointError | None:
         error = None
@@ -227,9 +261,15 @@ class Checkpointer:
             reader = _C.CheckpointReader(self.root, step)
             staged, finish = self._read_all(reader, state)
         except TesseraError as e:
-            error = CheckpointError(f"checkpoint step {step} in {self.root}: {e}")
-        if not self._all_ok(error is None):
-            return error or CheckpointError(f"checkpoint step {step} in {self.root} could not be read on another rank")
+            error = str(e)
+        # Every rank learns every rank's failure, so each raises an error naming the damaged file and tensor
+        # even when its own reads succeeded.
+        errors = self._share_errors(error)
+        if errors:
+            if self.world == 1:
+                return CheckpointError(f"checkpoint step {step} in {self.root}: {errors[0]}")
+            return CheckpointError(f"checkpoint step {step} in {self.root} could not be loaded: "
+                                   + "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items())))
         for slot, tensor in staged:
             slot.apply(tensor)
         finish()

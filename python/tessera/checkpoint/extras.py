@@ -4,7 +4,8 @@
 Plain dicts and state_dict() objects are saved as JSON (no pickle). A floating-point tensor inside one (an EMA copy
 of the weights, a running statistic) goes to the data files instead: written by the engine and checksummed, not
 base64 text in the manifest (a 252 MB tensor in a dict took 30 s to save as JSON on the dev VM). Like every plain
-value it is captured when save() is called (cloned; the caller may change it right away), and rank 0 saves it:
+value it is captured when save() is called (Checkpointer.save clones every piece that is not a unit's shard; the
+caller may change it right away), and rank 0 saves it:
 extras are global, the same on every rank. The JSON keeps a placeholder {"__piece__": name}; loading reads the piece
 and puts a CPU tensor in its place. Other tensors (integer, bool) stay in the JSON: the engine's dtypes are the
 floating ones.
@@ -30,8 +31,8 @@ def _ignore(_tensor: torch.Tensor) -> None:
 
 
 def tensors_to_pieces(key: str, obj, rank: int, out: Collected):
-    """`obj` with every floating-point tensor replaced by a placeholder; adds a slot per tensor (saved by rank 0
-    from a clone taken now)."""
+    """`obj` with every floating-point tensor replaced by a placeholder; adds a slot per tensor (saved by rank 0;
+    Checkpointer.save clones it before returning)."""
     seen: set[str] = set()
 
     def walk(o, path: str):
@@ -40,7 +41,7 @@ def tensors_to_pieces(key: str, obj, rank: int, out: Collected):
             if name in seen:
                 raise InvalidArgumentError(f"checkpoint: two tensors in state['{key}'] map to the name '{name}'")
             seen.add(name)
-            save = o.detach().reshape(-1).clone() if rank == 0 else None
+            save = o.detach().reshape(-1) if rank == 0 else None
             out.slots.append(Slot(name=name, shape=tuple(o.shape), dtype=o.dtype, save=save, save_start=0,
                                   load_start=0, load_count=0, apply=_ignore))
             return {PIECE: name}

@@ -131,7 +131,11 @@ def collect_module(key: str, module: nn.Module, rank: int, world: int, out: Coll
 
 def _slot_for(place: ParamPlace, name: str, local: torch.Tensor) -> Slot:
     flat = local.detach().reshape(-1)
-    save = flat[place.save_offset : place.save_offset + place.save_count] if place.save_count else None
+    # A tensor without elements has no piece anywhere; an empty one declares it (name, dtype, shape), so that it
+    # is in the checkpoint and loads (else every load fails with "missing from checkpoint").
+    empty = torch.Size(place.full_shape).numel() == 0
+    save = (flat[place.save_offset : place.save_offset + place.save_count] if place.save_count or empty
+            else None)
     return Slot(name=name, shape=place.full_shape, dtype=local.dtype, save=save, save_start=place.save_start,
                 load_start=place.load_start, load_count=place.load_count, apply=_copy_into(flat), unit=place.unit)
 

@@ -1,13 +1,22 @@
 """Staging fences: which checkpoint saves are still copying which units' shards to host memory. They belong to the
 shard layer: the optimizer and state-dict loading wait on them without importing tessera.checkpoint.
 
-[Note: checkpoint consistency] Checkpointer.save() returns at once; the shards it saves are copied to host
-buffers in the background (staging) while training goes on. Forward and backward never modify parameter or
-optimizer shards, so they run freely. Whatever modifies them waits first:
-  - tessera.optim.AdamW waits, per unit, only until that unit's pieces are staged;
-  - any other torch optimizer waits until every in-flight stage finished (a global optimizer step pre-hook);
-  - loading (Checkpointer.load*, tessera.load_full_state_dict) waits for every stage.
-So no save can capture a half-updated state, whatever optimizer the user runs.
+[Note: checkpoint consistency] A checkpoint is the state at the moment save() was called; a save never mixes two
+moments and never holds a value later than the one at save(). Checkpointer.save() returns at once, so:
+  - Everything that is not a unit's shard (module buffers such as BatchNorm's running statistics, parameters no
+    unit manages, tensors in plain dicts, their optimizer state) is copied in save(): nothing fences it (the next
+    forward updates running statistics at once), and it is small. Non-floating buffers and scalars are JSON, also
+    taken in save().
+  - Unit shards (parameters and their optimizer state) are copied to host buffers in the background (staging)
+    while training goes on. Forward and backward never modify them; whatever does waits first:
+      - tessera.optim.AdamW waits, per unit, only until that unit's pieces are staged;
+      - any other torch optimizer waits until every in-flight stage finished (a global optimizer step pre-hook);
+      - loading (Checkpointer.load*, tessera.load_full_state_dict) waits for every stage.
+  - Any other in-place write to a unit shard (user code, a custom optimizer stepping without the torch hook) is
+    caught by the tensor's version counter: recorded in save(), compared right after each piece is staged and
+    before the fence releases it (so the optimizer's writes after the release are not flagged). A change fails the
+    save: wait() raises CheckpointError "<tensor> changed in place after save() while it was being staged (version
+    a -> b)". See [Note: staged pieces must not change] in csrc/tessera/python/bind_checkpoint.cpp for its limits.
 """
 
 from __future__ import annotations
@@ -26,11 +35,15 @@ def register(handle, unit_last_piece: dict[int, int]) -> None:
 
 
 def wait_for_unit(unit) -> None:
-    """Blocks until no in-flight save still stages `unit`'s pieces."""
+    """Blocks until no in-flight save still stages `unit`'s pieces. A save whose staging failed protects
+    nothing anymore: its error is reported by its own wait(), not by the optimizer step waiting here."""
     with _lock:
         pending = [(h, m[id(unit)]) for h, m in _inflight if id(unit) in m]
     for handle, index in pending:
-        handle.wait_staged(index)
+        try:
+            handle.wait_staged(index)
+        except Exception:  # noqa: BLE001 (see the docstring)
+            pass
 
 
 def wait_all() -> None:

@@ -106,6 +106,54 @@ TEST(SaveLoadTest, SourcesMayChangeOnceStagedAndTheWriterIsReused) {
   }
 }
 
+TEST(SaveLoadTest, AfterStagedRunsOncePieceIsCopiedAndBeforeItIsPublished) {
+  TempDir dir;
+  auto writer = CheckpointWriter::Create(Local(dir.path()), {});
+  ASSERT_TRUE(writer.ok());
+  RefTensor t = MakeTensor("w", DType::kFloat32, {900}, 3);
+  const RefTensor reference = t;
+  auto request = [&](int64_t step) {
+    SaveRequest req;
+    req.step = step;
+    for (int64_t off = 0; off < 900; off += 300) {
+      req.pieces.push_back({"w", {900}, off, BufferView{t.bytes.data() + off * 4, DType::kFloat32, 300, {}}});
+    }
+    return req;
+  };
+  // The hook overwrites the piece's source: its bytes are already in host memory, so the checkpoint keeps them.
+  std::vector<int64_t> calls;
+  SaveRequest ok = request(1);
+  ok.after_staged = [&](int64_t i) {
+    calls.push_back(i);
+    std::memset(t.bytes.data() + i * 300 * 4, 0, 300 * 4);
+    return absl::OkStatus();
+  };
+  auto handle = (*writer)->Save(std::move(ok));
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  ASSERT_TRUE((*handle)->Wait().ok()) << (*handle)->Wait();
+  EXPECT_EQ(calls, (std::vector<int64_t>{0, 1, 2}));
+  auto reader = CheckpointReader::Open(Local(dir.path()), 1);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  EXPECT_TRUE(ReadsBack(**reader, reference, 0, 900));
+
+  // An error fails the save with it; the piece it was about is never reported as staged, later ones never copied.
+  calls.clear();
+  SaveRequest bad = request(2);
+  bad.after_staged = [&](int64_t i) {
+    calls.push_back(i);
+    return i == 1 ? absl::AbortedError("w changed in place") : absl::OkStatus();
+  };
+  handle = (*writer)->Save(std::move(bad));
+  ASSERT_TRUE(handle.ok()) << handle.status();
+  absl::Status s = (*handle)->Wait();
+  EXPECT_TRUE(absl::IsAborted(s)) << s;
+  EXPECT_TRUE(Contains(std::string(s.message()), "w changed in place"));
+  EXPECT_TRUE((*handle)->WaitStaged(0).ok());
+  EXPECT_FALSE((*handle)->WaitStaged(1).ok());
+  EXPECT_EQ(calls, (std::vector<int64_t>{0, 1}));
+  EXPECT_FALSE(PathExists(dir / "step-0000000002"));
+}
+
 TEST(SaveLoadTest, ReadRejectsWrongDtypeRangeAndName) {
   TempDir dir;
   const std::vector<RefTensor> tensors = DefaultTensors();

@@ -78,3 +78,18 @@ def test_external_kill_9_mid_run_then_resume(tmp_path, uninterrupted):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stdout, resumed.stdout
     _assert_bitwise_equal(torch.load(tmp_path / "final.pt", weights_only=True), uninterrupted)
+
+
+def test_crash_point_knob_is_parsed_into_a_typed_value(monkeypatch):
+    from tessera import knobs
+
+    for raw, want in [("", None), ("after_data", knobs.CrashPoint("after_data")),
+                      ("after_index@4", knobs.CrashPoint("after_index", 4)),
+                      ("after_rename@12#1", knobs.CrashPoint("after_rename", 12, 1)),
+                      ("after_data#0", knobs.CrashPoint("after_data", None, 0))]:
+        monkeypatch.setenv("TESSERA_CHECKPOINT_CRASH_AT", raw)
+        assert knobs.load().checkpoint_crash_point == want, raw
+    for raw, needle in [("after_data@x", "step 'x'"), ("after_data@4#", "rank ''"), ("@4", "no crash point name")]:
+        monkeypatch.setenv("TESSERA_CHECKPOINT_CRASH_AT", raw)
+        with pytest.raises(ValueError, match=f"TESSERA_CHECKPOINT_CRASH_AT={raw!r}.*{needle}"):
+            knobs.load()
