@@ -1,5 +1,6 @@
 """What tessera's Python hooks cost per unit per step: wall time inside the hooks (microseconds) and the number of
-calls from Python into the C++ core they make. Used by train_step_cpu.py --hook-profile.
+calls from Python into the C++ core they make. Wall time includes waiting for collectives; the hooks' own cost is
+the CPU time of the calling thread inside them (gloo moves the bytes on its own threads). Used by train_step_cpu.py --hook-profile.
 
 It wraps the hook methods of tessera.shard.runtime (whichever exist: the names changed when the step's schedule moved
 into C++) and every public method and property of the C++ classes they call (`_C.Unit`, `_C.StepSchedule`), so it
@@ -19,14 +20,15 @@ _HOOKS = {
 
 class HookProfile:
     def __init__(self):
-        self.seconds = 0.0  # inside hooks, outermost only
+        self.seconds = 0.0  # wall time inside hooks, outermost only (includes waiting for collectives)
+        self.cpu_seconds = 0.0  # this thread's CPU time inside hooks: the hooks' own cost
         self.hook_calls = 0
         self.cpp_calls_in_hooks = 0
         self.cpp_calls = 0
         self._depth = 0
 
     def reset(self) -> None:
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0
         self.hook_calls = self.cpp_calls_in_hooks = self.cpp_calls = 0
 
     def install(self, *, count_cpp_calls: bool) -> None:
@@ -63,10 +65,11 @@ class HookProfile:
                 return fn(*args, **kwargs)
             prof._depth += 1
             prof.hook_calls += 1
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
+                prof.cpu_seconds += time.thread_time() - c0
                 prof.seconds += time.perf_counter() - t0
                 prof._depth -= 1
 

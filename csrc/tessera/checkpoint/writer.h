@@ -1,7 +1,7 @@
 // Saving: stage (copy each piece into host buffers reused across saves) then persist (a writer pool writes the
 // data file, XXH3 per piece, fsync) and commit (rank 0 merges every rank's index into the manifest once all are
 // durable, renames the step directory into place, updates `latest`, applies retention). Torch-free: the torch
-// layer hands it BufferViews. See [Note: checkpoint consistency] in python/tessera/checkpoint/fences.py for
+// layer hands it BufferViews. See [Note: checkpoint consistency] in python/tessera/shard/fences.py for
 // the rule the optimizer follows while a stage is in flight.
 #pragma once
 

@@ -53,6 +53,8 @@ void BindShard(py::module_& m) {
       .def_property_readonly("group_size", &Unit::group_size)
       .def("owned_range", &Unit::OwnedRange, py::arg("i"),
            "(start, count): the elements of parameter i (flattened) this rank owns, from the sharding plan")
+      .def("save_range", &Unit::SaveRange, py::arg("i"),
+           "(start, count): the elements of parameter i this rank writes into a checkpoint")
       .def("adopt_params",
            [](Unit& u, const std::vector<at::Tensor>& sharded, const std::vector<at::Tensor>& full) {
              ThrowIfError(u.AdoptParams(sharded, full));

@@ -36,6 +36,12 @@ int64_t ShardPlan::prefix_shard_numel(int64_t n) const {
   return slots_[n].shard_offset;
 }
 
+std::pair<int64_t, int64_t> ShardPlan::Chunk(int64_t numel, int rank, int world) {
+  const int64_t chunk = (numel + world - 1) / world;
+  const int64_t start = std::min(numel, static_cast<int64_t>(rank) * chunk);
+  return {start, std::clamp<int64_t>(numel - start, 0, chunk)};
+}
+
 int64_t ShardPlan::LocalStart(int64_t i, int rank) const {
   return std::min(slots_[i].numel, static_cast<int64_t>(rank) * slots_[i].chunk);
 }

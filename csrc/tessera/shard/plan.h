@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -34,6 +35,8 @@ class ShardPlan {
   // Unpadded elements of parameter i that rank r owns, and where they start in the flattened parameter.
   int64_t LocalNumel(int64_t i, int rank) const;
   int64_t LocalStart(int64_t i, int rank) const;
+  // The same split for one tensor of `numel` elements over `world` ranks: (start, count) of rank r's chunk.
+  static std::pair<int64_t, int64_t> Chunk(int64_t numel, int rank, int world);
 
  private:
   int world_ = 1;

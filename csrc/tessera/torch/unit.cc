@@ -219,6 +219,11 @@ std::pair<int64_t, int64_t> Unit::OwnedRange(int64_t i) const {
   return {plan_.LocalStart(i, shard_rank), plan_.LocalNumel(i, shard_rank)};
 }
 
+std::pair<int64_t, int64_t> Unit::SaveRange(int64_t i) const {
+  if (plan_.world() > 1 || group_size_ == 1) return OwnedRange(i);
+  return shard::ShardPlan::Chunk(plan_.slot(i).numel, group_rank_, group_size_);
+}
+
 absl::Status Unit::SyncRequiresGrad() {
   for (int64_t i = 0; i < num_params(); ++i) {
     const bool want = sharded_params_[i].requires_grad();

@@ -70,6 +70,9 @@ class Unit final : public shard::UnitOps {
   absl::Status AdoptParams(const std::vector<at::Tensor>& sharded, const std::vector<at::Tensor>& full);
   // Which elements of parameter i (flattened) this rank owns: [start, start + count). From the plan only.
   std::pair<int64_t, int64_t> OwnedRange(int64_t i) const;
+  // Which elements of parameter i this rank writes into a checkpoint: what it owns when sharded; when replicated
+  // (NO_SHARD) the ranks split the writing, rank r taking chunk r of the group (ShardPlan::Chunk).
+  std::pair<int64_t, int64_t> SaveRange(int64_t i) const;
   const std::string& param_name(int64_t i) const { return names_[i]; }
   const std::vector<int64_t>& param_shape(int64_t i) const { return shapes_[i]; }
   int group_rank() const { return group_rank_; }

@@ -149,7 +149,7 @@ class Checkpointer:
         save first waits for the first). The checkpoint is the state at this call: plain values, module buffers
         and everything else that is not a unit's shard are copied now; unit shards (parameters, optimizer state)
         are staged in the background, and one that is changed in place before its staging ended fails the save
-        (wait() raises CheckpointError naming it). See [Note: checkpoint consistency] in fences.py."""
+        (wait() raises CheckpointError naming it). See [Note: checkpoint consistency] in tessera/shard/fences.py."""
         if not isinstance(step, int) or step < 0:
             raise InvalidArgumentError(f"Checkpointer.save: step must be a non-negative int, got {step!r}")
         attempt = self._saves

@@ -52,12 +52,6 @@ class Slot:
     unit: UnitRuntime | None = None
 
 
-def _chunk(numel: int, rank: int, world: int) -> tuple[int, int]:
-    chunk = -(-numel // world) if numel else 0
-    start = min(numel, rank * chunk)
-    return start, min(numel, start + chunk) - start
-
-
 @dataclass
 class ParamPlace:
     name: str
@@ -95,17 +89,15 @@ def collect_module(key: str, module: nn.Module, rank: int, world: int, out: Coll
         unit = unit_of(mod)
         if unit is None:
             continue
-        grank, gsize = unit.comm.rank, unit.comm.size
-        for info in unit.params:
+        for i, info in enumerate(unit.params):
             fqn = keys[(id(info.locations[0][0]), info.locations[0][1])]
             shape = tuple(info.full.shape)
             numel = info.full.numel()
             local = info.sharded
+            start, n = unit.save_range(i)  # from the unit's ShardPlan
             if unit.sharded:  # this rank owns [start, start + n): it saves and loads exactly that
-                start, n = _chunk(numel, grank, gsize)
                 place = ParamPlace(f"{key}/{fqn}", unit, start, n, start, n, shape)
             else:  # replicated: every rank loads all; the ranks split the writing
-                start, n = _chunk(numel, grank, gsize)
                 place = ParamPlace(f"{key}/{fqn}", unit, start, n, 0, numel, shape, save_offset=start)
             out.places[id(local)] = place
             seen.add(id(local))

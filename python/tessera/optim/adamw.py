@@ -85,7 +85,7 @@ class AdamW(torch.optim.Optimizer):
                 if fusable:
                     run = [unit, index, index, step]
                 else:
-                    fences.wait_all()  # see [Note: checkpoint consistency]
+                    fences.wait_all()  # see [Note: checkpoint consistency] in tessera/shard/fences.py
                     _C.adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *hyper, step,
                                   _stream(p))
             if run is not None:
@@ -94,7 +94,7 @@ class AdamW(torch.optim.Optimizer):
 
     def _step_run(self, run, hyper) -> None:
         unit, first, last, step = run
-        fences.wait_for_unit(unit)  # only this unit's pieces must be staged: see [Note: checkpoint consistency]
+        fences.wait_for_unit(unit)  # only this unit's pieces must be staged: [Note: checkpoint consistency]
         start = unit.shard_offset(first)
         end = unit.shard_offset(last + 1) if last + 1 < unit.num_trainable else unit.trainable_shard_numel
         m, v = self._flat_state[id(unit)]

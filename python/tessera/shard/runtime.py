@@ -101,7 +101,8 @@ class _PostBackward(torch.autograd.Function):
 class UnitRuntime:
     """One sharded module. Its public surface (used by the optimizer, clipping, state dicts and checkpointing):
     `params` (ParamInfo per parameter, layout order: trainable first), `num_trainable`, `stream`, `flat_shard`,
-    `flat_grad_shard`, `grad_views`, `trainable_shard_numel`, `shard_offset(i)`, `owned_range(i)`, `param_index(p)`,
+    `flat_grad_shard`, `grad_views`, `trainable_shard_numel`, `shard_offset(i)`, `owned_range(i)`, `save_range(i)`,
+    `param_index(p)`,
     `sharded`, `group_rank`, `group_size`, `gather_full()`, `load_full_param(i, t)`."""
 
     def __init__(self, *, module, params, comm, strategy, param_dtype, reduce_dtype, reshard_after_forward,
@@ -203,6 +204,11 @@ class UnitRuntime:
     def owned_range(self, i: int) -> tuple[int, int]:
         """(start, count): the elements of parameter i, flattened, that this rank owns (from the C++ ShardPlan)."""
         return self.unit.owned_range(i)
+
+    def save_range(self, i: int) -> tuple[int, int]:
+        """(start, count): the elements of parameter i this rank writes into a checkpoint (owned_range when
+        sharded; a 1/group_size chunk of the replicated tensor under NO_SHARD)."""
+        return self.unit.save_range(i)
 
     def param_index(self, p: torch.Tensor) -> int:
         """Layout index of sharded parameter `p` in this unit, -1 if it is not one (a dict: the optimizer asks

@@ -1,4 +1,4 @@
-"""A checkpoint is the state at the moment save() was called ([Note: checkpoint consistency] in fences.py): what
+"""A checkpoint is the state at the moment save() was called ([Note: checkpoint consistency] in tessera/shard/fences.py): what
 changes in place after save() either does not reach the checkpoint or fails the save naming the tensor. Both tests
 run on 2 gloo ranks, and compare what the checkpoint files hold with copies taken at save()."""
 
