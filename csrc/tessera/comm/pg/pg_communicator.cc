@@ -53,54 +53,42 @@ class PgWork final : public Work {
 
  private:
   // Waits up to `d` for every work: true when all finished, false while one still runs, or its error.
-  // [Note: waiting on c10d works in slices] Work::wait(timeout) does not bound every work: gloo's reduce-scatter
-  // work blocked for its whole collective timeout under wait(2 s). So the slices wait on a flag set by a callback
-  // on each work's future, and call Work::wait() only once the work completed (it then returns at once, or
-  // rethrows the collective's error). A work without a future falls back to polling isCompleted().
+  // [Note: waiting on c10d works in slices] Neither Work::wait(timeout) nor the work's future bounds every c10d
+  // work: gloo's reduce-scatter blocked for its whole collective timeout under wait(2 s), and its future did not
+  // complete before wait() was called. So one waiter thread per group calls the plain wait() (bounded by the
+  // collective timeout c10d enforces itself) and the slices wait on its flag. The thread owns what it touches,
+  // so it may outlive this work (after a desync or a timeout the collective cannot be cancelled).
+  // Works on CUDA tensors would synchronize the waiter's stream, not the caller's: the adapter is for CPU groups
+  // (CUDA parameters use tessera's NCCL communicator).
   absl::StatusOr<bool> WaitSlice(absl::Duration d) {
     if (!done_) {
       done_ = std::make_shared<Completion>();
-      std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
-      for (auto& work : works_) {
-        c10::intrusive_ptr<c10::ivalue::Future> future;
-        try {
-          future = work->getFuture();
-        } catch (const std::exception&) {
-          future.reset();
-        }
-        if (future) {
-          futures.push_back(std::move(future));
-        } else {
-          done_->polled.push_back(work);
-        }
-      }
-      done_->pending = static_cast<int>(futures.size());  // before any callback can run
-      for (auto& future : futures) {
-        future->addCallback([done = done_](c10::ivalue::Future&) {
-          {
-            std::lock_guard<std::mutex> lock(done->mu);
-            --done->pending;
+      std::thread([done = done_, works = works_] {
+        std::exception_ptr error;
+        for (const auto& work : works) {
+          try {
+            work->wait();
+          } catch (...) {
+            if (!error) error = std::current_exception();
           }
-          done->cv.notify_all();
-        });
-      }
+        }
+        {
+          std::lock_guard<std::mutex> lock(done->mu);
+          done->finished = true;
+          done->error = error;
+        }
+        done->cv.notify_all();
+      }).detach();
     }
-    const auto end = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(d);
-    {
-      std::unique_lock<std::mutex> lock(done_->mu);
-      if (!done_->cv.wait_until(lock, end, [&] { return done_->pending == 0; })) return false;
-    }
-    for (auto& work : done_->polled) {
-      while (!work->isCompleted()) {
-        if (std::chrono::steady_clock::now() >= end) return false;
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
-      }
-    }
-    for (auto& work : works_) {
+    std::unique_lock<std::mutex> lock(done_->mu);
+    if (!done_->cv.wait_for(lock, absl::ToChronoNanoseconds(d), [&] { return done_->finished; })) return false;
+    if (done_->error) {
       try {
-        work->wait();  // completed: returns at once or rethrows the collective's error
+        std::rethrow_exception(done_->error);
       } catch (const std::exception& e) {
         return FromException(e, what_);
+      } catch (...) {
+        return absl::UnknownError(absl::StrFormat("%s failed with a non-standard exception", what_));
       }
     }
     return true;
@@ -109,8 +97,8 @@ class PgWork final : public Work {
   struct Completion {
     std::mutex mu;
     std::condition_variable cv;
-    int pending = 0;  // works whose future has not completed; guarded by mu
-    std::vector<c10::intrusive_ptr<c10d::Work>> polled;  // works without a future
+    bool finished = false;  // guarded by mu
+    std::exception_ptr error;
   };
 
   std::shared_ptr<DesyncMonitor> monitor_;
