@@ -137,3 +137,31 @@ def test_unit_skipped_on_one_rank(monkeypatch):
     monkeypatch.delenv("TESSERA_DESYNC_CHECK", raising=False)
     monkeypatch.delenv("TESSERA_COLLECTIVE_TIMEOUT_S", raising=False)
     run_ranks(2, _unit_skipped)
+
+
+def test_desync_knobs(monkeypatch):
+    from tessera import knobs
+
+    monkeypatch.delenv("TESSERA_DESYNC_CHECK", raising=False)
+    monkeypatch.delenv("TESSERA_DESYNC_FIRST_DEADLINE_S", raising=False)
+    monkeypatch.delenv("TESSERA_COLLECTIVE_TIMEOUT_S", raising=False)
+    k = knobs.load()
+    assert (k.desync_check, k.desync_first_deadline_s, k.collective_timeout_s) == (False, 5.0, 600.0)
+    monkeypatch.setenv("TESSERA_DESYNC_CHECK", "on")
+    monkeypatch.setenv("TESSERA_DESYNC_FIRST_DEADLINE_S", "0.5")
+    assert (knobs.load().desync_check, knobs.load().desync_first_deadline_s) == (True, 0.5)
+    monkeypatch.setenv("TESSERA_DESYNC_CHECK", "maybe")
+    with pytest.raises(ValueError, match=r"TESSERA_DESYNC_CHECK='maybe' is not a boolean"):
+        knobs.load()
+    monkeypatch.setenv("TESSERA_DESYNC_CHECK", "0")
+    monkeypatch.setenv("TESSERA_DESYNC_FIRST_DEADLINE_S", "0")
+    with pytest.raises(ValueError, match=r"TESSERA_DESYNC_FIRST_DEADLINE_S='0' must be > 0"):
+        knobs.load()
+
+
+def test_only_desync_errors_become_desync_error():
+    from tessera.errors import from_status
+
+    assert type(from_status(10, "rank 1: collectives out of step on communicator 'x'")) is tessera.DesyncError
+    # Aborted from other layers (a checkpoint attempt rank 0 gave up on) keeps its old class.
+    assert type(from_status(10, "rank 1: step 3 was not committed")) is tessera.TesseraError
