@@ -28,6 +28,11 @@ class CommTimeoutError(CommError, TimeoutError):
     """A collective did not finish within its timeout."""
 
 
+class DesyncError(CommError):
+    """Ranks are at different collectives (out of step), e.g. a unit that ran on some ranks only. The message
+    names every rank's position: "#<seq> <tag> (<kind> of <count> elements (<dtype>))"."""
+
+
 class CheckpointError(TesseraError, RuntimeError):
     """A checkpoint is missing, corrupt or does not match the model."""
 
@@ -55,6 +60,14 @@ _BY_CODE = {
 }
 
 
+# Aborted (10) is shared by several layers (a checkpoint attempt rank 0 gave up on, an aborted NCCL communicator);
+# the desync diagnosis marks its messages with comm::kDesyncMarker (csrc/tessera/comm/desync.h).
+_ABORTED = 10
+_DESYNC_MARKER = "collectives out of step"
+
+
 def from_status(code: int, message: str) -> TesseraError:
     """The exception for an absl::Status code (called by the C++ bindings)."""
+    if code == _ABORTED and _DESYNC_MARKER in message:
+        return DesyncError(message)
     return _BY_CODE.get(code, TesseraError)(message)

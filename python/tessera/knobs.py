@@ -52,12 +52,40 @@ def parse_crash_point(name: str, raw: str) -> CrashPoint | None:
                       number(rank_s, "rank") if "#" in raw else None)
 
 
+def _bool_env(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name}={raw!r} is not a boolean; expected 1/0, true/false, yes/no, on/off")
+
+
+# The one default bound on a collective; the C++ core's twin is comm::kDefaultCollectiveTimeout (communicator.h).
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+# How long a wait runs before the ranks compare positions to tell a desync from slowness; the C++ twin is
+# comm::kDefaultDesyncFirstDeadline (comm/desync.h). A few seconds: long enough that healthy collectives never pay
+# for the comparison, short enough that a desync is reported long before the collective timeout.
+DEFAULT_DESYNC_FIRST_DEADLINE_S = 5.0
+# How long rank 0 waits for every rank's files before a save fails; the C++ twin is WriterOptions::commit_timeout.
+DEFAULT_CHECKPOINT_COMMIT_TIMEOUT_S = 600.0
+
+
 @dataclass(frozen=True, kw_only=True)
 class Knobs:
     # Seconds a collective may take before it fails with tessera.CommTimeoutError (TESSERA_COLLECTIVE_TIMEOUT_S).
-    collective_timeout_s: float = 600.0
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+    # Seconds a collective waits before the ranks compare where each one is, so that ranks at different collectives
+    # fail at once with tessera.DesyncError (TESSERA_DESYNC_FIRST_DEADLINE_S). See comm/desync.h.
+    desync_first_deadline_s: float = DEFAULT_DESYNC_FIRST_DEADLINE_S
+    # Compare every collective's (seq, kind, count, dtype, tag) across ranks before it runs, so a mismatch is
+    # reported at the first diverging collective; costs a few store round trips per collective (TESSERA_DESYNC_CHECK).
+    desync_check: bool = False
     # Seconds rank 0 waits for every rank's files before a save fails (TESSERA_CHECKPOINT_COMMIT_TIMEOUT_S).
-    checkpoint_commit_timeout_s: float = 600.0
+    checkpoint_commit_timeout_s: float = DEFAULT_CHECKPOINT_COMMIT_TIMEOUT_S
     # Fault injection for tests only: where a save kills its process (TESSERA_CHECKPOINT_CRASH_AT; see CrashPoint).
     # None: off.
     checkpoint_crash_point: CrashPoint | None = None
@@ -65,8 +93,10 @@ class Knobs:
 
 def load() -> Knobs:
     return Knobs(
-        collective_timeout_s=_float_env("TESSERA_COLLECTIVE_TIMEOUT_S", 600.0),
-        checkpoint_commit_timeout_s=_float_env("TESSERA_CHECKPOINT_COMMIT_TIMEOUT_S", 600.0),
+        collective_timeout_s=_float_env("TESSERA_COLLECTIVE_TIMEOUT_S", DEFAULT_COLLECTIVE_TIMEOUT_S),
+        desync_first_deadline_s=_float_env("TESSERA_DESYNC_FIRST_DEADLINE_S", DEFAULT_DESYNC_FIRST_DEADLINE_S),
+        desync_check=_bool_env("TESSERA_DESYNC_CHECK", False),
+        checkpoint_commit_timeout_s=_float_env("TESSERA_CHECKPOINT_COMMIT_TIMEOUT_S", DEFAULT_CHECKPOINT_COMMIT_TIMEOUT_S),
         checkpoint_crash_point=parse_crash_point("TESSERA_CHECKPOINT_CRASH_AT",
                                                  os.environ.get("TESSERA_CHECKPOINT_CRASH_AT", "")),
     )

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "absl/strings/str_format.h"
+#include "tessera/core/cuda_device_guard.h"
 
 namespace tessera::kernels::cuda {
 namespace {
@@ -277,25 +278,7 @@ __global__ void __launch_bounds__(kThreads) SquaredNormFinal(const A* partial, i
 }
 
 // ---- host side ---------------------------------------------------------------------------------------------------
-// Kernels launch on the buffers' device, whatever device the calling thread had current; restored on exit.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    if (cudaGetDevice(&previous_) == cudaSuccess && previous_ != device) {
-      status_ = cudaSetDevice(device);
-    } else {
-      previous_ = -1;
-    }
-  }
-  ~DeviceGuard() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-  cudaError_t status() const { return status_; }
-
- private:
-  int previous_ = -1;
-  cudaError_t status_ = cudaSuccess;
-};
+// Kernels launch on the buffers' device (CudaDeviceGuard), whatever device the calling thread had current.
 
 absl::Status CudaError(const char* what, int device, cudaError_t err) {
   return absl::InternalError(absl::StrFormat("%s on cuda:%d: %s (%s)", what, device, cudaGetErrorString(err),
@@ -328,8 +311,8 @@ template <bool kIn>
 absl::Status Pack(absl::Span<const BufferView> params, const shard::ShardPlan& plan, int64_t shard_numel, double scale,
                   BufferView flat, void* stream) {
   const int device = flat.device.index;
-  DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return CudaError(kIn ? "CopyIn: cudaSetDevice" : "CopyOut: cudaSetDevice", device, guard.status());
+  CudaDeviceGuard guard(device);
+  if (guard.error() != cudaSuccess) return CudaError(kIn ? "CopyIn: cudaSetDevice" : "CopyOut: cudaSetDevice", device, guard.error());
   const int64_t n = static_cast<int64_t>(params.size());
   // CopyIn always writes the whole rows (even with no parameters: then it only zeroes); CopyOut only what it reads.
   const int64_t batches = std::max<int64_t>(kIn ? 1 : 0, (n + kMaxParamsPerLaunch - 1) / kMaxParamsPerLaunch);
@@ -385,8 +368,8 @@ absl::Status CopyOut(BufferView src, const shard::ShardPlan& plan, int64_t shard
 absl::Status Cast(BufferView src, BufferView dst, void* stream) {
   const int device = dst.device.index;
   if (src.count == 0 || (src.data == dst.data && src.dtype == dst.dtype)) return absl::OkStatus();
-  DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return CudaError("Cast: cudaSetDevice", device, guard.status());
+  CudaDeviceGuard guard(device);
+  if (guard.error() != cudaSuccess) return CudaError("Cast: cudaSetDevice", device, guard.error());
   auto s = static_cast<cudaStream_t>(stream);
   if (src.dtype == dst.dtype) {  // the driver's copy path is at least as fast as any kernel of ours
     const cudaError_t err = cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, s);
@@ -411,8 +394,8 @@ absl::Status FusedAdamW(BufferView param, BufferView grad, BufferView exp_avg, B
     return absl::InvalidArgumentError(absl::StrFormat("FusedAdamW: parameter dtype %s is not float32 or float64",
                                                       DTypeName(param.dtype)));
   }
-  DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return CudaError("FusedAdamW: cudaSetDevice", device, guard.status());
+  CudaDeviceGuard guard(device);
+  if (guard.error() != cudaSuccess) return CudaError("FusedAdamW: cudaSetDevice", device, guard.error());
   const int grid = GridFor((param.count + kThreads * 4 - 1) / (kThreads * 4), device);
   auto s = static_cast<cudaStream_t>(stream);
   auto launch = [&](auto ptag) {
@@ -434,8 +417,8 @@ absl::Status SquaredNormAccumulate(BufferView x, BufferView out, void* stream) {
     return absl::InvalidArgumentError(absl::StrFormat("SquaredNormAccumulate: output dtype %s is not float32 or float64",
                                                       DTypeName(out.dtype)));
   }
-  DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return CudaError("SquaredNormAccumulate: cudaSetDevice", device, guard.status());
+  CudaDeviceGuard guard(device);
+  if (guard.error() != cudaSuccess) return CudaError("SquaredNormAccumulate: cudaSetDevice", device, guard.error());
   auto s = static_cast<cudaStream_t>(stream);
   // The block count depends on n alone, never on the GPU, so the summation order (and the result) is reproducible.
   const int blocks = static_cast<int>(std::clamp<int64_t>((x.count + kThreads * 16 - 1) / (kThreads * 16), 1,

@@ -88,8 +88,9 @@ void BindCheckpoint(py::module_& m) {
              o.crash_point = crash_point;
              return ValueOrThrow(CheckpointWriter::Create(Local(root), o));
            }),
-           py::arg("root"), py::arg("threads") = 4, py::arg("commit_timeout_s") = 600.0, py::arg("keep_last") = 3,
-           py::arg("crash_point") = "")
+           py::arg("root"), py::arg("threads") = 4,
+           py::arg("commit_timeout_s") = absl::ToDoubleSeconds(checkpoint::WriterOptions{}.commit_timeout),
+           py::arg("keep_last") = 3, py::arg("crash_point") = "")
       .def("save",
            [](CheckpointWriter& w, int64_t step, int rank, int world_size,
               const std::vector<std::tuple<std::string, std::vector<int64_t>, int64_t, at::Tensor>>& pieces,

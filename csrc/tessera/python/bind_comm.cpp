@@ -1,7 +1,9 @@
 // Python bindings for communicators: the c10d ProcessGroup adapter, tessera's NCCL communicator, and tensor-level
 // collectives on any of them (used by clipping, state dicts and the Python conformance tests).
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include "tessera/comm/pg/c10d_store.h"
 #include "tessera/comm/pg/pg_communicator.h"
 #include "tessera/kernels/kernels.h"
 #include "tessera/python/status_py.h"
@@ -42,6 +44,8 @@ void RunAndWait(comm::Communicator& c, const comm::Collective& op, double timeou
 
 BufferView View(const at::Tensor& t, const char* what) { return ValueOrThrow(torch_rt::ViewOf(t, what)); }
 
+const double kDefaultTimeoutS = absl::ToDoubleSeconds(comm::kDefaultCollectiveTimeout);
+
 }  // namespace
 
 void BindComm(py::module_& m) {
@@ -58,14 +62,14 @@ void BindComm(py::module_& m) {
              }
              ThrowIfError(s);
            },
-           py::arg("timeout_s") = 600.0)
+           py::arg("timeout_s") = kDefaultTimeoutS)
       .def("all_gather_into",
            [](comm::Communicator& c, const at::Tensor& out, const at::Tensor& in, double timeout_s,
               uintptr_t stream) {
              RunAndWait(c, comm::Collective::AllGather(View(in, "all_gather input"), View(out, "all_gather output")),
                         timeout_s, stream);
            },
-           py::arg("output"), py::arg("input"), py::arg("timeout_s") = 600.0, py::arg("stream") = 0)
+           py::arg("output"), py::arg("input"), py::arg("timeout_s") = kDefaultTimeoutS, py::arg("stream") = 0)
       .def("reduce_scatter_into",
            [](comm::Communicator& c, const at::Tensor& out, const at::Tensor& in, const std::string& op,
               double timeout_s, uintptr_t stream) {
@@ -74,24 +78,45 @@ void BindComm(py::module_& m) {
                                                         View(out, "reduce_scatter output"), ParseOp(op)),
                         timeout_s, stream);
            },
-           py::arg("output"), py::arg("input"), py::arg("op") = "sum", py::arg("timeout_s") = 600.0,
+           py::arg("output"), py::arg("input"), py::arg("op") = "sum", py::arg("timeout_s") = kDefaultTimeoutS,
            py::arg("stream") = 0)
       .def("all_reduce_",
            [](comm::Communicator& c, const at::Tensor& t, const std::string& op, double timeout_s, uintptr_t stream) {
              RunAndWait(c, comm::Collective::AllReduce(View(t, "all_reduce buffer"), ParseOp(op)), timeout_s, stream);
            },
-           py::arg("tensor"), py::arg("op") = "sum", py::arg("timeout_s") = 600.0, py::arg("stream") = 0)
+           py::arg("tensor"), py::arg("op") = "sum", py::arg("timeout_s") = kDefaultTimeoutS, py::arg("stream") = 0)
       .def("broadcast_",
            [](comm::Communicator& c, const at::Tensor& t, int root, double timeout_s, uintptr_t stream) {
              RunAndWait(c, comm::Collective::Broadcast(View(t, "broadcast buffer"), root), timeout_s, stream);
            },
-           py::arg("tensor"), py::arg("root") = 0, py::arg("timeout_s") = 600.0, py::arg("stream") = 0);
+           py::arg("tensor"), py::arg("root") = 0, py::arg("timeout_s") = kDefaultTimeoutS, py::arg("stream") = 0);
 
   m.def("pg_communicator",
-        [](const c10::intrusive_ptr<c10d::ProcessGroup>& group) -> std::shared_ptr<comm::Communicator> {
-          return std::make_shared<comm::PgCommunicator>(group);
+        [](const c10::intrusive_ptr<c10d::ProcessGroup>& group, py::object store, const std::string& key_prefix,
+           double first_deadline_s, bool strict) -> std::shared_ptr<comm::Communicator> {
+          if (store.is_none()) {
+            if (strict) {
+              ThrowIfError(absl::InvalidArgumentError("pg_communicator: strict=True needs store= (a c10d Store)"));
+            }
+            return std::make_shared<comm::PgCommunicator>(group);
+          }
+          comm::DesyncOptions desync;
+          desync.store = std::make_shared<comm::C10dStore>(store.cast<c10::intrusive_ptr<c10d::Store>>());
+          desync.key_prefix = key_prefix;
+          desync.first_deadline = absl::Seconds(first_deadline_s);
+          desync.strict = strict;
+          // Create() writes this rank's first note to the store: no GIL needed, none held.
+          auto made = NoGil([&] { return comm::PgCommunicator::Create(group, std::move(desync)); });
+          return std::shared_ptr<comm::Communicator>(ValueOrThrow(std::move(made)));
         },
-        py::arg("group"), "A tessera Communicator over a torch.distributed ProcessGroup (gloo for CPU ranks).");
+        py::arg("group"), py::arg("store") = py::none(), py::arg("key_prefix") = "",
+        py::arg("first_deadline_s") = absl::ToDoubleSeconds(comm::kDefaultDesyncFirstDeadline),
+        py::arg("strict") = false,
+        "A tessera Communicator over a torch.distributed ProcessGroup (gloo for CPU ranks). With `store` (a c10d "
+        "Store every rank of the group reaches) and `key_prefix` (unique to this communicator, the same on every "
+        "rank), a wait longer than `first_deadline_s` compares positions with the other ranks, and ranks at "
+        "different collectives raise tessera.DesyncError naming every rank's position; `strict` compares every "
+        "collective before it runs (see csrc/tessera/comm/desync.h).");
 
   m.def("cuda_built", &kernels::CudaKernelsBuilt, "Whether this build has the CUDA kernels and NCCL backend.");
 

@@ -39,7 +39,7 @@ void BindShard(py::module_& m) {
            py::arg("comm"), py::arg("params"), py::arg("names"), py::arg("num_trainable"), py::arg("name"),
            py::arg("shard") = true, py::arg("param_dtype") = std::nullopt, py::arg("reduce_dtype") = std::nullopt,
            py::arg("timeout_s") = absl::ToDoubleSeconds(comm::kDefaultCollectiveTimeout))
-      .def_property_readonly("name", [](const Unit& u) { return u.options().name; })
+      .def_property("name", [](const Unit& u) { return u.options().name; }, &Unit::set_name)
       .def_property_readonly("state", &Unit::state)
       .def_property_readonly("num_params", &Unit::num_params)
       .def_property_readonly("num_trainable", &Unit::num_trainable)

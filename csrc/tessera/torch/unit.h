@@ -48,6 +48,9 @@ class Unit final : public shard::UnitOps {
                                                       UnitOptions options);
 
   const UnitOptions& options() const { return options_; }
+  // Renames the unit in messages and collective tags (the runtime names units by module path once the root is
+  // known; at creation only the module's class name is).
+  void set_name(std::string name) { options_.name = std::move(name); }
   const shard::ShardPlan& plan() const { return plan_; }
   shard::UnitState state() const { return state_; }
   int64_t num_params() const { return plan_.num_params(); }

@@ -2,6 +2,10 @@
 
 CPU parameters use the group itself through the c10d adapter (gloo gives CPU ranks). CUDA parameters use tessera's
 own NCCL communicator, bootstrapped by sharing an ncclUniqueId through the default c10d Store.
+
+The c10d adapter diagnoses ranks out of step: a wait longer than knobs.desync_first_deadline_s compares positions
+with the other ranks through the default c10d Store and raises tessera.DesyncError naming every rank's position
+(TESSERA_DESYNC_CHECK=1 compares every collective before it runs). See csrc/tessera/comm/desync.h.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from tessera import _C
+from tessera import _C, knobs
 from tessera.errors import InvalidArgumentError, NotSupportedError
 
 # Keyed weakly by the group object: once torch.distributed drops a group (destroy_process_group), its communicators
@@ -20,6 +24,10 @@ from tessera.errors import InvalidArgumentError, NotSupportedError
 # gloo late has aborted a rank). Units hold the communicators they use; the cache lets a model's units share one.
 _cache: "weakref.WeakKeyDictionary[dist.ProcessGroup, dict[str, _C.Communicator]]" = weakref.WeakKeyDictionary()
 _nccl_counter = itertools.count()
+# Per group name: how many pg communicators this process made for it. Every rank of a group makes its
+# communicators in the same order (the same model is sharded everywhere), so (group name, count) names one
+# communicator identically on every rank: its key prefix in the shared store.
+_pg_counters: dict[str, "itertools.count[int]"] = {}
 
 
 def resolve_group(group):
@@ -53,13 +61,25 @@ def communicator(group, device: torch.device) -> _C.Communicator:
                 f"parameters are on cpu but group {group.group_name!r} has no CPU backend ({e}); "
                 "create the group with backend='gloo' or 'cpu:gloo,cuda:nccl'"
             ) from None
-        comm = _C.pg_communicator(group)
+        comm = _pg_communicator(group)
     elif device.type == "cuda":
         comm = _nccl_communicator(group, device)
     else:
         raise NotSupportedError(f"parameters on {device} are not supported; expected cpu or cuda")
     per_group[str(device)] = comm
     return comm
+
+
+def _pg_communicator(group) -> _C.Communicator:
+    k = knobs.load()
+    n = next(_pg_counters.setdefault(group.group_name, itertools.count()))
+    return _C.pg_communicator(
+        group,
+        store=dist.distributed_c10d._get_default_store(),
+        key_prefix=f"tessera/desync/{group.group_name}/{n}",
+        first_deadline_s=k.desync_first_deadline_s,
+        strict=k.desync_check,
+    )
 
 
 def _nccl_communicator(group, device: torch.device) -> _C.Communicator:

@@ -66,10 +66,11 @@ class _Root:
 
     def __init__(self, root: "UnitRuntime"):
         self.units: list[UnitRuntime] = [root]
-        for mod in root.module.modules():
+        for path, mod in root.module.named_modules():
             unit = unit_of(mod)
             if unit is not None and unit is not root:
                 self.units.append(unit)
+                unit.name = unit.unit.name = f"{path} ({type(mod).__name__})"  # errors name the module path
         for i, unit in enumerate(self.units):
             unit.root, unit.index = self, i
         self.schedule = _C.StepSchedule(

@@ -11,6 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "tessera/core/cuda_device_guard.h"
 #include "tessera/core/status.h"
 
 namespace tessera::comm {
@@ -106,25 +107,6 @@ struct NcclState {
 
 namespace {
 
-// NCCL and our launches act on the communicator's device, whatever the calling thread had current.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    if (cudaGetDevice(&previous_) == cudaSuccess && previous_ != device) {
-      err_ = cudaSetDevice(device);
-    } else {
-      previous_ = -1;
-    }
-  }
-  ~DeviceGuard() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-  cudaError_t error() const { return err_; }
-
- private:
-  int previous_ = -1;
-  cudaError_t err_ = cudaSuccess;
-};
 
 // Polls `done` until it returns true or `timeout` passes, checking the communicator for asynchronous errors in
 // between. Failures abort the communicator. `mu_held`: whether the caller already holds st.mu.
@@ -247,7 +229,7 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(int r
         "NcclCommunicator (rank %d of %d): CUDA device %d does not exist (%d visible)", rank, size, device_index,
         devices));
   }
-  DeviceGuard guard(device_index);
+  CudaDeviceGuard guard(device_index);
   TESSERA_CUDA_RETURN_IF_ERROR(guard.error());
 
   auto st = std::make_shared<NcclState>();
@@ -303,7 +285,7 @@ absl::StatusOr<std::unique_ptr<Work>> NcclCommunicator::Issue(absl::Span<const C
 
   absl::MutexLock lock(&st.mu);
   if (st.comm == nullptr) return st.AbortedError();
-  DeviceGuard guard(st.device);
+  CudaDeviceGuard guard(st.device);
   TESSERA_CUDA_RETURN_IF_ERROR(guard.error());
   auto user_stream = static_cast<cudaStream_t>(options.stream);
   TESSERA_CUDA_RETURN_IF_ERROR(cudaEventRecord(st.ready, user_stream));
@@ -349,7 +331,7 @@ absl::Status NcclCommunicator::Synchronize(absl::Duration timeout) {
   {
     absl::MutexLock lock(&st.mu);
     if (st.comm == nullptr) return st.AbortedError();
-    DeviceGuard guard(st.device);
+    CudaDeviceGuard guard(st.device);
     TESSERA_CUDA_RETURN_IF_ERROR(guard.error());
     TESSERA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
     const cudaError_t err = cudaEventRecord(event, st.stream);

@@ -1,6 +1,10 @@
 #include "tessera/comm/pg/pg_communicator.h"
 
+#include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <exception>
 #include <vector>
 
@@ -19,42 +23,113 @@ absl::Status FromException(const std::exception& e, const std::string& what) {
   return timeout ? absl::DeadlineExceededError(text) : absl::UnavailableError(text);
 }
 
+// One issued group: the c10d works of its collectives, awaited together through the desync monitor.
 class PgWork final : public Work {
  public:
-  PgWork(c10::intrusive_ptr<c10d::Work> work, std::string what, absl::Duration timeout, at::Tensor divide_out,
-         int64_t divisor)
-      : work_(std::move(work)), what_(std::move(what)), timeout_(timeout), divide_out_(std::move(divide_out)),
-        divisor_(divisor) {}
+  PgWork(std::shared_ptr<DesyncMonitor> monitor, Position pos, std::string what, absl::Duration timeout)
+      : monitor_(std::move(monitor)), pos_(std::move(pos)), what_(std::move(what)), timeout_(timeout) {}
+
+  // `divide_out` (if defined) is divided by `divisor` once the work finished: c10d gloo has no AVG.
+  void Add(c10::intrusive_ptr<c10d::Work> work, at::Tensor divide_out, int64_t divisor) {
+    works_.push_back(std::move(work));
+    divides_.emplace_back(std::move(divide_out), divisor);
+  }
 
   absl::Status Wait() override {
-    if (!work_) return absl::FailedPreconditionError(absl::StrFormat("%s: Wait() called twice", what_));
-    try {
-      auto ms = std::chrono::milliseconds(absl::ToInt64Milliseconds(timeout_));
-      bool done = work_->wait(ms);
-      work_.reset();
-      if (!done) return absl::DeadlineExceededError(absl::StrFormat("%s did not finish within %s", what_,
-                                                                    absl::FormatDuration(timeout_)));
-    } catch (const std::exception& e) {
-      work_.reset();
-      return FromException(e, what_);
+    if (waited_) return absl::FailedPreconditionError(absl::StrFormat("%s: Wait() called twice", what_));
+    waited_ = true;
+    absl::Status status = monitor_->Await(pos_, what_, timeout_, [this](absl::Duration d) { return WaitSlice(d); });
+    // On success every work is done; on a timeout or desync the collective stays in c10d's hands (it cannot be
+    // cancelled) and the group is unusable, as after any collective timeout.
+    works_.clear();
+    done_.reset();
+    if (!status.ok()) return status;
+    for (auto& [out, divisor] : divides_) {
+      if (out.defined()) out.div_(divisor);
     }
-    // c10d gloo has no AVG: we reduced with SUM and divide here.
-    if (divide_out_.defined()) divide_out_.div_(divisor_);
+    divides_.clear();
     return absl::OkStatus();
   }
 
  private:
-  c10::intrusive_ptr<c10d::Work> work_;
+  // Waits up to `d` for every work: true when all finished, false while one still runs, or its error.
+  // [Note: waiting on c10d works in slices] Neither Work::wait(timeout) nor the work's future bounds every c10d
+  // work: gloo's reduce-scatter blocked for its whole collective timeout under wait(2 s), and its future did not
+  // complete before wait() was called. So one waiter thread per group calls the plain wait() (bounded by the
+  // collective timeout c10d enforces itself) and the slices wait on its flag. The thread owns what it touches,
+  // so it may outlive this work (after a desync or a timeout the collective cannot be cancelled).
+  // Works on CUDA tensors would synchronize the waiter's stream, not the caller's: the adapter is for CPU groups
+  // (CUDA parameters use tessera's NCCL communicator).
+  absl::StatusOr<bool> WaitSlice(absl::Duration d) {
+    if (!done_) {
+      done_ = std::make_shared<Completion>();
+      std::thread([done = done_, works = works_] {
+        std::exception_ptr error;
+        for (const auto& work : works) {
+          try {
+            work->wait();
+          } catch (...) {
+            if (!error) error = std::current_exception();
+          }
+        }
+        {
+          std::lock_guard<std::mutex> lock(done->mu);
+          done->finished = true;
+          done->error = error;
+        }
+        done->cv.notify_all();
+      }).detach();
+    }
+    std::unique_lock<std::mutex> lock(done_->mu);
+    if (!done_->cv.wait_for(lock, absl::ToChronoNanoseconds(d), [&] { return done_->finished; })) return false;
+    if (done_->error) {
+      try {
+        std::rethrow_exception(done_->error);
+      } catch (const std::exception& e) {
+        return FromException(e, what_);
+      } catch (...) {
+        return absl::UnknownError(absl::StrFormat("%s failed with a non-standard exception", what_));
+      }
+    }
+    return true;
+  }
+
+  struct Completion {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool finished = false;  // guarded by mu
+    std::exception_ptr error;
+  };
+
+  std::shared_ptr<DesyncMonitor> monitor_;
+  Position pos_;
   std::string what_;
   absl::Duration timeout_;
-  at::Tensor divide_out_;
-  int64_t divisor_;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works_;
+  std::vector<std::pair<at::Tensor, int64_t>> divides_;
+  bool waited_ = false;
+  std::shared_ptr<Completion> done_;  // shared with the future callbacks, which may outlive this work
 };
+
+std::unique_ptr<DesyncMonitor> DisabledMonitor(int rank, int size) {
+  auto m = DesyncMonitor::Create(rank, size, "pg", DesyncOptions{});
+  TESSERA_CHECK(m.ok(), "default desync options rejected: ", m.status().ToString());
+  return std::move(m).value();
+}
 
 }  // namespace
 
 PgCommunicator::PgCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> group)
-    : group_(group), name_("pg:" + group->getBackendName()), rank_(group->getRank()), size_(group->getSize()) {}
+    : group_(group), name_("pg:" + group->getBackendName()), rank_(group->getRank()), size_(group->getSize()),
+      monitor_(DisabledMonitor(rank_, size_)) {}
+
+absl::StatusOr<std::unique_ptr<PgCommunicator>> PgCommunicator::Create(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                                                                      DesyncOptions desync) {
+  std::unique_ptr<PgCommunicator> c(new PgCommunicator(std::move(group)));
+  std::string owner = absl::StrFormat("communicator '%s' (%s)", desync.key_prefix, c->name_);
+  TESSERA_ASSIGN_OR_RETURN(c->monitor_, DesyncMonitor::Create(c->rank_, c->size_, owner, std::move(desync)));
+  return c;
+}
 
 std::string PgCommunicator::backend_name() const { return name_; }
 
@@ -73,13 +148,24 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
                                                             const CollectiveOptions& options) {
   for (const Collective& op : ops) TESSERA_RETURN_IF_ERROR(ValidateCollective(op, size_));
   TESSERA_ASSIGN_OR_RETURN(c10::intrusive_ptr<c10d::ProcessGroup> group, group());
+  if (ops.empty()) return std::unique_ptr<Work>(std::make_unique<DoneWork>());
   const auto timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(options.timeout));
-  std::vector<std::unique_ptr<Work>> works;
-  works.reserve(ops.size());
+  // Counted at issue: every rank numbers its groups the same way as long as they stay in step.
+  const Position pos = monitor_->Next(ops, options.tag);
+  auto describe = [&](const Collective& op) {
+    std::string where = options.tag.empty() ? "" : absl::StrFormat(", %s", options.tag);
+    return absl::StrFormat("%s of %d elements (%s) on rank %d of %d [%s, #%d%s]", CollectiveKindName(op.kind),
+                           op.input.count, DTypeName(op.input.dtype), rank_, size_, backend_name(), pos.seq, where);
+  };
+  TESSERA_RETURN_IF_ERROR(monitor_->CheckAgreement(pos, options.timeout));
+  auto group_work = std::make_unique<PgWork>(
+      monitor_, pos, ops.size() == 1 ? describe(ops[0]) : absl::StrFormat("%s on rank %d of %d [%s, #%d%s]",
+                                                                           pos.signature, rank_, size_,
+                                                                           backend_name(), pos.seq,
+                                                                           options.tag.empty() ? "" : ", " + options.tag),
+      options.timeout);
   for (const Collective& op : ops) {
-    const std::string what =
-        absl::StrFormat("%s of %d elements (%s) on rank %d of %d [%s]", CollectiveKindName(op.kind), op.input.count,
-                        DTypeName(op.input.dtype), rank_, size_, backend_name());
+    const std::string what = describe(op);
     at::Tensor in = torch_rt::TensorFromView(op.input);
     at::Tensor out = torch_rt::TensorFromView(op.output);
     at::Tensor divide_out;
@@ -120,15 +206,14 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
           break;
         }
       }
-      works.push_back(std::make_unique<PgWork>(std::move(work), what, options.timeout, divide_out, size_));
+      group_work->Add(std::move(work), divide_out, size_);
     } catch (const std::exception& e) {
       // Drain what was issued so no buffer is still in use when we return.
-      (void)GroupWork(std::move(works)).Wait();
+      (void)group_work->Wait();
       return FromException(e, what);
     }
   }
-  if (works.size() == 1) return std::move(works[0]);
-  return std::unique_ptr<Work>(std::make_unique<GroupWork>(std::move(works)));
+  return std::unique_ptr<Work>(std::move(group_work));
 }
 
 absl::Status PgCommunicator::Barrier(absl::Duration timeout) {
@@ -137,6 +222,7 @@ absl::Status PgCommunicator::Barrier(absl::Duration timeout) {
   TESSERA_ASSIGN_OR_RETURN(BufferView view, torch_rt::ViewOf(one, "barrier"));
   CollectiveOptions options;
   options.timeout = timeout;
+  options.tag = "barrier";
   TESSERA_ASSIGN_OR_RETURN(auto work, AllReduce(view, ReduceOp::kSum, options));
   return work->Wait();
 }

@@ -10,6 +10,10 @@
 // Py_FinalizeEx began then needed the GIL, was force-unwound by the interpreter and aborted the process
 // ("terminate called without an active exception", seen in 3-rank tests on 2 cores about one run in four).
 // Using the adapter after its group is destroyed is a FailedPrecondition naming the group.
+//
+// Waits past a short first deadline compare positions with the other ranks through a store, so ranks out of step
+// fail at once with every rank's position (see [Note: comparing notes after the first deadline] in comm/desync.h).
+// c10d's Work::wait(timeout) throws on timeout without cancelling the collective, so waits run in slices.
 #pragma once
 
 #include <memory>
@@ -18,12 +22,18 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include "tessera/comm/communicator.h"
+#include "tessera/comm/desync.h"
 
 namespace tessera::comm {
 
 class PgCommunicator final : public Communicator {
  public:
+  // Without desync diagnosis: waits are plain waits bounded by the collective timeout.
   explicit PgCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> group);
+  // With desync diagnosis through `desync.store` (InvalidArgument for bad options; the store's error if it cannot
+  // be reached).
+  static absl::StatusOr<std::unique_ptr<PgCommunicator>> Create(c10::intrusive_ptr<c10d::ProcessGroup> group,
+                                                                DesyncOptions desync);
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -41,6 +51,7 @@ class PgCommunicator final : public Communicator {
   std::string name_;  // backend name, kept for messages after the group is gone
   int rank_;
   int size_;
+  std::shared_ptr<DesyncMonitor> monitor_;  // never null; disabled without a store
 };
 
 }  // namespace tessera::comm
