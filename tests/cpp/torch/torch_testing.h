@@ -2,6 +2,7 @@
 // adoption the Python glue does (python/tessera/shard/runtime.py, UnitRuntime.install).
 #pragma once
 
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <string>
@@ -75,10 +76,17 @@ inline absl::StatusOr<std::unique_ptr<torch_rt::Unit>> MakeAdoptedUnit(std::shar
   return unit;
 }
 
-// The slice of `full` (flattened) that the unit's rank owns of parameter i.
-inline at::Tensor OwnedSlice(const torch_rt::Unit& unit, int64_t i, const at::Tensor& full) {
-  auto [start, count] = unit.OwnedRange(i);
-  return full.reshape({-1}).narrow(0, start, count);
+// The slice of `full` (flattened) that `rank` of `world` owns, written out from the layout's definition
+// (shard/plan.h: chunks of ceil(numel / world) elements, chunk r to rank r, the last ones short or empty) rather
+// than taken from the plan under test.
+inline at::Tensor OwnedSlice(const at::Tensor& full, int rank, int world) {
+  const int64_t n = full.numel();
+  const int64_t chunk = (n + world - 1) / world;
+  const int64_t start = std::min<int64_t>(n, rank * chunk);
+  return full.reshape({-1}).narrow(0, start, std::min<int64_t>(chunk, n - start));
+}
+inline at::Tensor OwnedSlice(const torch_rt::Unit& unit, const at::Tensor& full) {
+  return OwnedSlice(full, unit.group_rank(), unit.group_size());
 }
 
 // OK if `got` matches `want` (same shape, values within tol); otherwise an error naming `what`.
