@@ -1,7 +1,7 @@
 // Whole training steps driven by shard::StepSchedule events, as python/tessera/shard/runtime.py drives them, with
 // a real libtorch forward and backward: a 2-layer MLP split into two units (l1, l2) and the root (a head bias),
 // trained by hand-written SGD on the sharded gradients, against the same MLP trained in one process on the
-// concatenation of every rank's batch (float64).
+// concatenation of every rank's batch (float64). The ranks talk through `local` directly or through the pg adapter.
 //
 // The events come from where the Python hooks put them: pre-forward / post-forward around each unit's compute;
 // pre-backward from a gradient hook on each unit's output; post-backward of l2 from a hook on the alias of its
@@ -9,6 +9,7 @@
 // inputs need no gradient), which Python queues on the autograd engine and this test calls after backward returns.
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -19,6 +20,7 @@
 #include "gtest/gtest.h"
 #include "tessera/core/status.h"
 #include "tessera/shard/schedule.h"
+#include "comm/pg/pg_over_local.h"
 #include "torch/torch_testing.h"
 
 namespace tessera::torch_rt {
@@ -74,10 +76,16 @@ Reference TrainInOneProcess(const Mlp& init, const at::Tensor& x, const at::Tens
   return ref;
 }
 
-class StepTest : public ::testing::TestWithParam<int> {
+// The ranks talk through `local` directly, or through comm::PgCommunicator over a c10d ProcessGroup (the path
+// the Python package takes with gloo; see comm/pg/pg_over_local.h).
+class StepTest : public ::testing::TestWithParam<std::tuple<std::string, int>> {
  protected:
   void SetUp() override { at::set_num_threads(1); }
-  int world() const { return GetParam(); }
+  int world() const { return std::get<1>(GetParam()); }
+  ::tessera::testing::CommFactory factory() const {
+    if (std::get<0>(GetParam()) == "pg") return &::tessera::testing::CreatePgOverLocalCommunicators;
+    return &comm::LocalWorld::CreateCommunicators;
+  }
 };
 
 TEST_P(StepTest, ShardedStepsMatchOneProcess) {
@@ -183,7 +191,7 @@ TEST_P(StepTest, ShardedStepsMatchOneProcess) {
       if (units[u]->gathers_discarded() != 0) return absl::InternalError("a prefetched all-gather went unused");
     }
     return absl::OkStatus();
-  }));
+  }, factory()));
   for (int step = 0; step < kSteps; ++step) {
     double mean = 0;
     for (int r = 0; r < W; ++r) mean += losses[r][step] / W;
@@ -191,9 +199,10 @@ TEST_P(StepTest, ShardedStepsMatchOneProcess) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(World, StepTest, ::testing::Values(2, 3),
-                         [](const ::testing::TestParamInfo<int>& info) {
-                           return "world" + std::to_string(info.param);
+INSTANTIATE_TEST_SUITE_P(Backends, StepTest,
+                         ::testing::Combine(::testing::Values("local", "pg"), ::testing::Values(2, 3)),
+                         [](const ::testing::TestParamInfo<StepTest::ParamType>& info) {
+                           return std::get<0>(info.param) + "_world" + std::to_string(std::get<1>(info.param));
                          });
 
 }  // namespace

@@ -21,12 +21,15 @@
 
 namespace tessera::testing {
 
-// Runs fn(rank, comm) on one thread per rank of a fresh local world; returns each rank's status. GoogleTest
-// assertions are thread-safe, but a rank that returns early must not leave its peers waiting in a collective, so
-// rank bodies return a Status and let the main thread assert.
+using CommFactory = std::function<absl::StatusOr<std::vector<std::unique_ptr<comm::Communicator>>>(int world)>;
+
+// Runs fn(rank, comm) on one thread per rank of a fresh world (the `local` backend unless `factory` says
+// otherwise); returns each rank's status. Rank bodies return a Status rather than assert, so that the main thread
+// reports every rank's failure.
 inline std::vector<absl::Status> OnRanks(
-    int world, const std::function<absl::Status(int, std::shared_ptr<comm::Communicator>)>& fn) {
-  auto comms = comm::LocalWorld::CreateCommunicators(world);
+    int world, const std::function<absl::Status(int, std::shared_ptr<comm::Communicator>)>& fn,
+    const CommFactory& factory = &comm::LocalWorld::CreateCommunicators) {
+  auto comms = factory(world);
   if (!comms.ok()) return std::vector<absl::Status>(world, comms.status());
   std::vector<absl::Status> statuses(world);
   std::vector<std::thread> threads;

@@ -35,8 +35,8 @@ namespace {
 
 constexpr std::chrono::milliseconds kDefaultTimeout = std::chrono::minutes(10);
 
-// c10d's own Work::wait(timeout) is what gloo's works use: it throws "Operation timed out!" when the work is not
-// done in time, without cancelling it, and rethrows the work's error otherwise.
+// c10d's own Work::wait(timeout), which gloo's collective works (ProcessGroupGloo::AsyncWork) use too: it throws
+// "Operation timed out!" when the work is not done in time, without cancelling it, and rethrows its error otherwise.
 class LocalWork final : public c10d::Work {
  public:
   explicit LocalWork(int rank) : c10d::Work(rank) {}
