@@ -88,7 +88,9 @@ inline at::Tensor OwnedSlice(const at::Tensor& full, int rank, int world) {
   const int64_t start = std::min<int64_t>(n, rank * chunk);
   return full.reshape({-1}).narrow(0, start, std::min<int64_t>(chunk, n - start));
 }
+// What the unit's rank holds of `full`: its owned slice, or all of it when replicated (NO_SHARD).
 inline at::Tensor OwnedSlice(const torch_rt::Unit& unit, const at::Tensor& full) {
+  if (!unit.options().shard) return full.reshape({-1});
   return OwnedSlice(full, unit.group_rank(), unit.group_size());
 }
 

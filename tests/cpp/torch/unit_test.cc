@@ -177,13 +177,56 @@ TEST_P(UnitTest, GradientsNoRankOrOneRankProduced) {
   }
   ASSERT_FALSE(after_one[1].defined());
   ExpectAllOk(OnRanks(world(), [&](int rank, std::shared_ptr<comm::Communicator> c) -> absl::Status {
-    TESSERA_ASSIGN_OR_RETURN(auto unit, MakeAdoptedUnit(c, params, kNames, 3, TestOptions("unit")));
-    if (unit->sharded_grads().size() != 3) return absl::InternalError("a frozen parameter got a gradient view");
-    TESSERA_RETURN_IF_ERROR(Reduce(*unit, first[rank]));
-    TESSERA_RETURN_IF_ERROR(ExpectShardedGrads(*unit, after_one, "first pass"));
-    TESSERA_RETURN_IF_ERROR(Reduce(*unit, second[rank]));
-    TESSERA_RETURN_IF_ERROR(ExpectShardedGrads(*unit, after_two, "second pass"));
-    if (unit->sharded_params()[3].grad().defined()) return absl::InternalError("frozen m22 got a gradient");
+    // Sharded (reduce-scatter) and NO_SHARD (all-reduce, every rank keeps the whole averaged gradient).
+    for (bool shard : {true, false}) {
+      torch_rt::UnitOptions options = TestOptions(shard ? "sharded" : "replicated");
+      options.shard = shard;
+      TESSERA_ASSIGN_OR_RETURN(auto unit, MakeAdoptedUnit(c, params, kNames, 3, options));
+      if (unit->sharded_grads().size() != 3) return absl::InternalError("a frozen parameter got a gradient view");
+      TESSERA_RETURN_IF_ERROR(Reduce(*unit, first[rank]));
+      TESSERA_RETURN_IF_ERROR(ExpectShardedGrads(*unit, after_one, options.name + ", first pass"));
+      TESSERA_RETURN_IF_ERROR(Reduce(*unit, second[rank]));
+      TESSERA_RETURN_IF_ERROR(ExpectShardedGrads(*unit, after_two, options.name + ", second pass"));
+      if (unit->sharded_params()[3].grad().defined()) return absl::InternalError("frozen m22 got a gradient");
+    }
+    return absl::OkStatus();
+  }));
+}
+
+TEST_P(UnitTest, MixedPrecisionGathersInParamDtypeAndReducesInReduceDtype) {
+  // float32 storage, bfloat16 compute, float32 reduction: the gather casts once, gradients come back in float32.
+  const std::vector<at::Tensor> params = RandomParams(7, at::kFloat);
+  at::Generator gen = MakeGenerator(8);
+  RankGrads grads(world());
+  for (int r = 0; r < world(); ++r) {
+    for (const auto& s : kShapes) grads[r].push_back(Randn(s, gen, at::kBFloat16));
+  }
+  std::vector<at::Tensor> expected;
+  RankGrads as_double(world());
+  for (int r = 0; r < world(); ++r) {
+    for (const auto& g : grads[r]) as_double[r].push_back(g.to(at::kDouble));
+  }
+  for (size_t i = 0; i < kShapes.size(); ++i) expected.push_back(MeanOverRanks(as_double, i, world()));
+  ExpectAllOk(OnRanks(world(), [&](int rank, std::shared_ptr<comm::Communicator> c) -> absl::Status {
+    torch_rt::UnitOptions options = TestOptions("mixed");
+    options.param_dtype = at::kBFloat16;
+    options.reduce_dtype = at::kFloat;
+    TESSERA_ASSIGN_OR_RETURN(auto unit, MakeAdoptedUnit(c, params, kNames, 4, options));
+    TESSERA_RETURN_IF_ERROR(unit->WaitUnshard(0));
+    for (int64_t i = 0; i < unit->num_params(); ++i) {
+      const at::Tensor& full = unit->full_params()[i];
+      if (full.scalar_type() != at::kBFloat16 || !at::equal(full, params[i].to(at::kBFloat16))) {
+        return absl::InternalError(absl::StrFormat("rank %d: %s gathered as %s, not the bfloat16 cast of the original",
+                                                   rank, kNames[i], c10::toString(full.scalar_type())));
+      }
+    }
+    TESSERA_RETURN_IF_ERROR(Reduce(*unit, grads[rank]));
+    for (int64_t i = 0; i < unit->num_params(); ++i) {
+      const at::Tensor& g = unit->sharded_params()[i].grad();
+      if (!g.defined() || g.scalar_type() != at::kFloat) return absl::InternalError("gradient not float32");
+      // bfloat16 inputs are exact in float32; the pre-division by the world and the sum round in float32.
+      TESSERA_RETURN_IF_ERROR(Near(g, OwnedSlice(*unit, expected[i]), "mixed-precision grad of " + kNames[i], 1e-6));
+    }
     return absl::OkStatus();
   }));
 }
