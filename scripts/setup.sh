@@ -35,5 +35,7 @@ echo "setup: building tessera (C++ core + Python extension) against the installe
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
 # torch's CMake config adds NVCC flags for every architecture it knows unless told; we build sm_80 and sm_90.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
-.venv/bin/pip install -q --no-build-isolation --no-deps -e . 
+# The C++ tests of the torch C++ (tests/cpp/torch) are built here, in the pip build that compiles tessera_torch
+# anyway; scripts/test.sh runs them with ctest in this build directory (build/<wheel tag>, see pyproject.toml).
+.venv/bin/pip install -q --no-build-isolation --no-deps -e . --config-settings=cmake.define.TESSERA_BUILD_TORCH_TESTS=ON
 .venv/bin/python -c "import tessera; print('setup: tessera', tessera.__version__, 'ready; CUDA kernels built:', tessera._C.cuda_built())"

@@ -11,6 +11,15 @@ cmake -S . -B build/cpp -G Ninja -DCMAKE_BUILD_TYPE=Release -DTESSERA_BUILD_TEST
 cmake --build build/cpp -j "${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 ctest --test-dir build/cpp --output-on-failure -j 2
 
+echo "== C++ tests of the torch C++ (ctest in the pip build directory, built by scripts/setup.sh)"
+py_tag=$(.venv/bin/python -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+torch_build=$(ls -d build/"$py_tag"-* 2>/dev/null | head -n 1)
+if [[ -z "$torch_build" || ! -f "$torch_build/tests/cpp/torch/CTestTestfile.cmake" ]]; then
+  echo "test: no torch C++ tests in build/<wheel tag>/tests/cpp/torch; scripts/setup.sh should have built them" >&2
+  exit 1
+fi
+ctest --test-dir "$torch_build" --output-on-failure -j 2
+
 echo "== CMake package for C++ trainers (find_package(Tessera))"
 bash scripts/check_cmake_package.sh
 

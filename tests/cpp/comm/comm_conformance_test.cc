@@ -4,7 +4,8 @@
 //
 // Backends come from factories in Backends(). Only `local` is listed: the NCCL backend needs one GPU per rank and
 // device buffers, so it is not built or run on CPU machines (backends that are not built are skipped, not faked);
-// a GPU suite adds it with its own factory. Behaviour a backend cannot offer is a flag on its factory.
+// a GPU suite adds it with its own factory. Behaviour a backend cannot offer is a flag on its factory. The torch
+// test binary (tests/cpp/torch) compiles this file again with the `pg` adapter added (tests/cpp/comm/pg).
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -24,6 +25,9 @@
 #include "tessera/comm/communicator.h"
 #include "tessera/comm/local/local_communicator.h"
 #include "testing/test_buffer.h"
+#ifdef TESSERA_CONFORMANCE_WITH_PG
+#include "comm/pg/pg_over_local.h"  // the torch test binary also runs the suite over the pg adapter
+#endif
 
 namespace tessera::comm {
 namespace {
@@ -42,7 +46,14 @@ struct Backend {
 void PrintTo(const Backend& b, std::ostream* os) { *os << b.name; }
 
 std::vector<Backend> Backends() {
-  return {Backend{"local", &LocalWorld::CreateCommunicators, /*detects_mismatched_groups=*/true}};
+  std::vector<Backend> backends = {
+      Backend{"local", &LocalWorld::CreateCommunicators, /*detects_mismatched_groups=*/true}};
+#ifdef TESSERA_CONFORMANCE_WITH_PG
+  // c10d issues a group's collectives one by one, so no rank can see another's whole group.
+  backends.push_back(Backend{"pg_over_local", &::tessera::testing::CreatePgOverLocalCommunicators,
+                             /*detects_mismatched_groups=*/false});
+#endif
+  return backends;
 }
 
 // Long enough never to fire on a loaded 2-core machine, short enough that a hang ends the test.
