@@ -65,6 +65,8 @@ def worker(rank, world, init_file, args, out_file):
     cfg = LlamaConfig.tiny()
     cfg.n_layers = args.layers
     cfg.max_seq_len = args.seq
+    if args.dim:  # a narrower model: the hooks' fixed cost per unit shows next to less copy work
+        cfg.dim, cfg.ffn_dim, cfg.vocab_size = args.dim, int(args.dim * 8 / 3), 256
     g = torch.Generator().manual_seed(100 + rank)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g) for _ in range(4)]
     results = {}
@@ -119,6 +121,7 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=0, help="model width (default: LlamaConfig.tiny()'s 256)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     p.add_argument("--frameworks", nargs="+", default=["tessera", "fsdp2", "ddp"])
     p.add_argument("--out", help="write a markdown result file here")
