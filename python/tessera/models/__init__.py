@@ -1,1 +1,10 @@
-"""Model definitions. Model code never mentions sharding; each model's parallelize.py applies it."""
+"""Model definitions and Hugging Face checkpoints.
+
+Model code never mentions sharding; each family's parallelize.py applies it. Families: llama/ (Llama 3.x,
+SmolLM2) and mistral/. `get(name)` gives a named size, `load_hf`/`save_hf` read and write HF directories.
+"""
+
+from tessera.models.hf import load_hf, read_config, save_hf
+from tessera.models.registry import FAMILIES, ModelSpec, build, get, names
+
+__all__ = ["FAMILIES", "ModelSpec", "build", "get", "load_hf", "names", "read_config", "save_hf"]

@@ -1,4 +1,5 @@
-from tessera.models.llama.model import Llama, LlamaConfig
+from tessera.models.llama.args import LlamaConfig, RopeScaling
+from tessera.models.llama.model import KVCache, Llama
 from tessera.models.llama.parallelize import parallelize
 
-__all__ = ["Llama", "LlamaConfig", "parallelize"]
+__all__ = ["KVCache", "Llama", "LlamaConfig", "RopeScaling", "parallelize"]

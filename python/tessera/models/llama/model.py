@@ -1,57 +1,24 @@
-"""A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention (SDPA), SwiGLU MLP.
+"""A Llama-architecture decoder: RMSNorm, rotary embeddings (rotate-half layout, Llama 3.1 scaling), grouped-query
+attention through SDPA (with Mistral's sliding window when configured), SwiGLU MLP, tied or untied head.
 
-Plain torch; sharding is applied separately (parallelize.py), as in torchtitan.
+Plain torch; sharding is applied separately (parallelize.py), as in torchtitan. Module names follow torchtitan
+(tok_embeddings, layers.N.attention.wq, ...); state_dict_adapter.py maps them to Hugging Face's. The rotary tables
+are computed from positions on each forward (a few microseconds), so the module has no buffers and a model built
+on the meta device needs only its parameters filled.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass(kw_only=True)
-class LlamaConfig:
-    vocab_size: int = 128256
-    dim: int = 2048
-    n_layers: int = 16
-    n_heads: int = 32
-    n_kv_heads: int = 8
-    ffn_dim: int = 8192
-    norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
-    max_seq_len: int = 2048
-    tie_embeddings: bool = False
-
-    def __post_init__(self):
-        if self.dim % self.n_heads:
-            raise ValueError(f"LlamaConfig: dim {self.dim} must be divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"LlamaConfig: n_heads {self.n_heads} must be divisible by n_kv_heads {self.n_kv_heads}")
-
-    @staticmethod
-    def tiny() -> "LlamaConfig":
-        """The demo/benchmark model: small enough to train on 2 CPU ranks in seconds."""
-        return LlamaConfig(vocab_size=2048, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=688,
-                           max_seq_len=256)
-
-    @staticmethod
-    def llama3_2_1b() -> "LlamaConfig":
-        """Llama-3.2-1B-shaped (DESIGN.md section 5): 1.50e9 parameters with an untied head."""
-        return LlamaConfig()
-
-    def num_params(self) -> int:
-        head_dim = self.dim // self.n_heads
-        attn = self.dim * head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
-        mlp = 3 * self.dim * self.ffn_dim
-        layer = attn + mlp + 2 * self.dim
-        emb = self.vocab_size * self.dim
-        return self.n_layers * layer + emb * (1 if self.tie_embeddings else 2) + self.dim
+from tessera.models.llama.args import LlamaConfig, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 and cast back (as HF's LlamaRMSNorm)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -59,49 +26,83 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rope_tables(cfg: LlamaConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    head_dim = cfg.dim // cfg.n_heads
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    t = torch.arange(cfg.max_seq_len, device=device).float()
-    freqs = torch.outer(t, inv)
-    return freqs.cos(), freqs.sin()
+def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, float32 [seq, head_dim], for integer `positions` [seq] (rotate-half layout: each frequency
+    appears twice, in the first and the second half)."""
+    freqs = torch.outer(positions.float(), rope_inv_freq(cfg, positions.device))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
 
 
-def apply_rope(x, cos, sin):
-    # x: (batch, heads, seq, head_dim); rotate pairs (even, odd).
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    s = x.shape[-2]
-    c, n = cos[:s].to(x.dtype), sin[:s].to(x.dtype)
-    out = torch.stack((x1 * c - x2 * n, x1 * n + x2 * c), dim=-1)
-    return out.flatten(-2)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates x [batch, heads, seq, head_dim] by position: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of past positions for incremental decoding: per layer, [batch, n_kv_heads, max_len,
+    head_dim] in the given dtype. `pos` (tokens) is how many positions are filled; the model advances it."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, *, dtype: torch.dtype, device=None):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KVCache: max_len {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.hd)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+
+def attention_mask(q_len: int, start: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean [q_len, start + q_len] mask (True = attend) for queries at positions start..start+q_len-1 over keys
+    0..start+q_len-1: causal, and within `window` tokens (i - window < j) when given. None when SDPA's is_causal
+    says the same (no cache offset, no window cutting in)."""
+    if start == 0 and (window is None or q_len <= window):
+        return None
+    i = torch.arange(start, start + q_len, device=device)[:, None]
+    j = torch.arange(start + q_len, device=device)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask &= j > i - window
+    return mask
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.n_heads, self.n_kv = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.hd
+        self.window = cfg.sliding_window
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        rep = self.n_heads // self.n_kv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            cache.k[layer][:, :, start:start + s] = k
+            cache.v[layer][:, :, start:start + s] = v
+            k, v = cache.k[layer][:, :, :start + s], cache.v[layer][:, :, :start + s]
+        mask = attention_mask(s, start, self.window, x.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
+                                             enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
 class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
@@ -120,31 +121,48 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin):
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Llama(nn.Module):
+    """forward(tokens int64 [batch, seq], cache=None) -> logits [batch, seq, vocab] in the parameters' dtype.
+
+    With a KVCache, tokens are the next positions after cache.pos, and the cache advances by seq. `config` is
+    the model's LlamaConfig (or MistralConfig)."""
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens):
+    @property
+    def cfg(self) -> LlamaConfig:
+        return self.config
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        start = cache.pos if cache is not None else 0
+        s = tokens.shape[1]
+        if start + s > self.config.max_seq_len:
+            raise ValueError(f"{type(self).__name__}: positions {start}..{start + s - 1} exceed max_seq_len "
+                             f"{self.config.max_seq_len}")
+        if cache is not None and start + s > cache.max_len:
+            raise ValueError(f"KVCache: {start} + {s} tokens exceed its max_len {cache.max_len}")
+        cos, sin = rope_cos_sin(self.config, torch.arange(start, start + s, device=tokens.device))
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, self.rope_cos, self.rope_sin)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache, i)
+        if cache is not None:
+            cache.pos += s
         return self.output(self.norm(h))
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32: logits [batch, seq, vocab], targets int64 [batch, seq]."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))

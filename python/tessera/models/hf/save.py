@@ -1,0 +1,117 @@
+"""save_hf: a tessera Llama/Mistral module, plain or sharded -> a Hugging Face model directory that
+transformers' AutoModelForCausalLM.from_pretrained loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from tessera.errors import InvalidArgumentError
+from tessera.models.hf.safetensors_files import INDEX, SINGLE, StreamingWriter
+from tessera.models.registry import build, family_of
+from tessera.shard.runtime import managed_by, unit_of
+from tessera.shard.state_dict import keys_by_location
+
+DEFAULT_MAX_FILE_BYTES = 5 * 2**30  # transformers' save_pretrained default max_shard_size ("5GB")
+# Files a model directory's tokenizer and generation defaults live in; save_hf copies them from `files_from`.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "tokenizer.model")
+_DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _rank(module: nn.Module) -> int:
+    sharded = any(unit_of(m) is not None for m in module.modules())
+    return dist.get_rank() if sharded and dist.is_available() and dist.is_initialized() else 0
+
+
+def save_hf(module: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+            max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, files_from: str | os.PathLike | None = None) -> list[str]:
+    """Writes `module` (a tessera Llama or Mistral, plain or sharded) as a Hugging Face directory: config.json and
+    safetensors weights, split into files of at most `max_file_bytes` bytes with model.safetensors.index.json when
+    larger. dtype: the stored dtype (None: the parameters' dtype). files_from: an HF directory whose tokenizer and
+    generation files (TOKENIZER_FILES) are copied along.
+
+    For a sharded module this is collective (call it on every rank): units are all-gathered one at a time and rank
+    0 writes each tensor at its place in the files as it arrives, so peak host memory is about one unit. Files are
+    written under temporary names and moved into place at the end; the other ranks return once they are there.
+    Returns the weight file names. Raises InvalidArgumentError for a module without a tessera model config or
+    whose parameters do not match it.
+    """
+    cfg = getattr(module, "config", None)
+    fam = family_of(cfg) if cfg is not None else None
+    if fam is None:
+        raise InvalidArgumentError(f"save_hf expects a tessera model (tessera.models.load_hf or get(...).build()), "
+                                   f"got {type(module).__name__} without a model config")
+    shapes = {name: shape for name, shape in _meta_shapes(cfg).items()}
+    params = list(module.parameters())
+    dtype = dtype or (params[0].dtype if params else torch.float32)
+    hf_specs = {fam.adapter.to_hf(name): shape for name, shape in shapes.items()}
+    out = Path(out_dir)
+    rank = _rank(module)
+    writer = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        writer = StreamingWriter(out, hf_specs, dtype, max_file_bytes)
+    try:
+        for name, full in _full_tensors(module):
+            if name in shapes and writer is not None:
+                writer.write(fam.adapter.to_hf(name), full)
+        if writer is not None:
+            files = writer.commit()
+            _write_side_files(out, fam.adapter.config_to_hf(cfg, _DTYPE_NAME.get(dtype, str(dtype))), files,
+                              files_from)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if any(unit_of(m) is not None for m in module.modules()) and dist.is_initialized():
+        dist.barrier()  # the other ranks return once rank 0's files are in place
+        if rank != 0:
+            files = sorted(p.name for p in out.glob("*.safetensors"))
+    return files
+
+
+def _meta_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in build(cfg, device="meta").named_parameters()}
+
+
+def _full_tensors(module: nn.Module):
+    """(tessera name, full tensor) for every parameter, one unit at a time: a sharded unit is all-gathered
+    (collective) and yielded under each of its parameters' names (tied ones under every name); parameters
+    outside any unit come as they are."""
+    keys = keys_by_location(module)
+    for sub in module.modules():
+        unit = unit_of(sub)
+        if unit is None:
+            continue
+        for info, full in zip(unit.params, unit.gather_full()):
+            for mod, attr in info.locations:
+                yield keys[(id(mod), attr)], full
+    for name, p in module.named_parameters():
+        if managed_by(p) is None:
+            yield name, p
+
+
+def _write_side_files(out: Path, hf_config: dict, files: list[str], files_from) -> None:
+    """config.json, the copied tokenizer files, and removal of weight files a previous save left that this one
+    did not write (a stale index would point a reader at old weights)."""
+    keep = set(files) | ({INDEX} if len(files) > 1 else set())
+    for p in out.iterdir():
+        if (p.name == SINGLE or p.name == INDEX or
+                (p.name.startswith("model-") and p.name.endswith(".safetensors"))) and p.name not in keep:
+            p.unlink()
+    if files_from is not None:
+        src = Path(files_from)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file() and src.resolve() != out.resolve():
+                shutil.copyfile(src / name, out / f".{name}.tmp")
+                os.replace(out / f".{name}.tmp", out / name)
+    tmp = out / f".config.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / "config.json")
