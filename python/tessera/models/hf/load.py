@@ -14,6 +14,16 @@ from tessera.models.hf.safetensors_files import WeightIndex
 from tessera.models.registry import FAMILIES, Family, build, family_of
 
 
+def config_from_hf_dict(hf: dict, where: str):
+    """The tessera config for an HF config.json dict (`where` names its source in errors)."""
+    model_type = hf.get("model_type")
+    fam = FAMILIES.get(model_type)
+    if fam is None:
+        raise InvalidArgumentError(f"{where}: model_type {model_type!r} is not supported; expected one of "
+                                   f"{sorted(FAMILIES)}")
+    return fam.adapter.config_from_hf(hf, where)
+
+
 def read_config(model_dir: str | os.PathLike):
     """The tessera config (LlamaConfig or MistralConfig) of an HF model directory, from its config.json.
     InvalidArgumentError for a missing directory or file, or an unknown model_type; NotSupportedError for
@@ -29,12 +39,7 @@ def read_config(model_dir: str | os.PathLike):
         hf = json.loads(path.read_text())
     except ValueError as e:
         raise InvalidArgumentError(f"{path}: not valid JSON ({e})") from None
-    model_type = hf.get("model_type")
-    fam = FAMILIES.get(model_type)
-    if fam is None:
-        raise InvalidArgumentError(f"{path}: model_type {model_type!r} is not supported; expected one of "
-                                   f"{sorted(FAMILIES)}")
-    return fam.adapter.config_from_hf(hf, str(path))
+    return config_from_hf_dict(hf, str(path))
 
 
 def expected_params(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -115,3 +115,13 @@ def _write_side_files(out: Path, hf_config: dict, files: list[str], files_from) 
     tmp = out / f".config.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / "config.json")
+
+
+def hf_config(module: nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """The HF config.json dict save_hf would write for `module` (a tessera model): store it with a checkpoint
+    (Checkpointer extras) so the checkpoint can be turned back into a model without the original directory."""
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        raise InvalidArgumentError(f"{type(module).__name__} has no tessera model config")
+    dtype = dtype or next(module.parameters()).dtype
+    return family_of(cfg).adapter.config_to_hf(cfg, _DTYPE_NAME.get(dtype, str(dtype)))
