@@ -27,6 +27,7 @@ from tessera.shard.api import set_requires_gradient_sync
 from tessera.shard.types import MixedPrecision, ShardingStrategy
 from tessera.shard.clip import clip_grad_norm_
 from tessera.shard.state_dict import full_state_dict, load_full_state_dict
+from tessera import models  # noqa: E402  (Llama/Mistral, load_hf/save_hf; after shard, which parallelize uses)
 
 __version__ = "0.1.0"
 
