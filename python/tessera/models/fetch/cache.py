@@ -136,7 +136,7 @@ def _publish(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def ensure(target: Path, meta: Mapping[str, Any], build: Callable[[Path], None], log: Log, *,
+def ensure(target: Path, meta: Mapping[str, Any], build: Callable[[Path], None], log: Callable[[str], None], *,
            what: str, pinned: Mapping[str, str] | None = None) -> Path:
     """Returns `target` once it is a verified cache directory for `meta`, building it first with build(tmp_dir)
     when it is absent or damaged (see [Note: the fetch cache]). `what` names it in the log. Errors from build
