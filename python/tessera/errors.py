@@ -41,6 +41,11 @@ class ResourceExhaustedError(TesseraError, RuntimeError):
     """Out of memory or disk."""
 
 
+class FetchError(TesseraError, RuntimeError):
+    """A model or data set could not be fetched: the download failed (no network, pip's message kept), or what was
+    downloaded does not match its pinned sha256."""
+
+
 class InternalError(TesseraError, RuntimeError):
     """A bug in tessera; please report it with the message."""
 

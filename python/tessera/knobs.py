@@ -6,7 +6,8 @@ Nothing else in tessera calls os.environ for configuration.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def _float_env(name: str, default: float) -> float:
@@ -74,6 +75,18 @@ DEFAULT_DESYNC_FIRST_DEADLINE_S = 5.0
 DEFAULT_CHECKPOINT_COMMIT_TIMEOUT_S = 600.0
 
 
+def default_cache_dir() -> Path:
+    """~/.cache/tessera: where `tessera fetch` keeps models and their downloads (outside any repository)."""
+    return Path.home() / ".cache" / "tessera"
+
+
+def _path_env(name: str, default: Path) -> Path:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return Path(raw).expanduser()
+
+
 @dataclass(frozen=True, kw_only=True)
 class Knobs:
     # Seconds a collective may take before it fails with tessera.CommTimeoutError (TESSERA_COLLECTIVE_TIMEOUT_S).
@@ -89,6 +102,9 @@ class Knobs:
     # Fault injection for tests only: where a save kills its process (TESSERA_CHECKPOINT_CRASH_AT; see CrashPoint).
     # None: off.
     checkpoint_crash_point: CrashPoint | None = None
+    # Root of tessera's download cache (TESSERA_CACHE_DIR, default ~/.cache/tessera): fetched models live in
+    # <cache_dir>/models/<name>/, the pinned files they are built from in <cache_dir>/downloads/.
+    cache_dir: Path = field(default_factory=default_cache_dir)
 
 
 def load() -> Knobs:
@@ -99,6 +115,7 @@ def load() -> Knobs:
         checkpoint_commit_timeout_s=_float_env("TESSERA_CHECKPOINT_COMMIT_TIMEOUT_S", DEFAULT_CHECKPOINT_COMMIT_TIMEOUT_S),
         checkpoint_crash_point=parse_crash_point("TESSERA_CHECKPOINT_CRASH_AT",
                                                  os.environ.get("TESSERA_CHECKPOINT_CRASH_AT", "")),
+        cache_dir=_path_env("TESSERA_CACHE_DIR", default_cache_dir()),
     )
 
 

