@@ -142,5 +142,10 @@ def test_sharded_training_and_export_equal_one_process(world, smollm2_dir, token
     saved = load_file(tmp_path / "out" / "model.safetensors")
     adapter = tm.FAMILIES["llama"].adapter
     assert sorted(saved) == sorted(adapter.to_hf(n) for n in want_state)
+    # AdamW's step lr * m / (sqrt(v) + eps) has slope lr / eps = 1e4 in the gradient where |g| is near eps, so the
+    # gradient's rounding (the sum over ranks vs over one batch, about 1e-10) can move such an element by up to
+    # ~1e-6 per step. Nearly every element must agree to float rounding; none may be off by a tenth of a step.
     for name, want in want_state.items():
-        torch.testing.assert_close(saved[adapter.to_hf(name)], want, rtol=1e-5, atol=1e-6, msg=name)
+        diff = (saved[adapter.to_hf(name)] - want).abs()
+        assert diff.max() <= 0.1 * LR, (name, diff.max().item())
+        assert (diff > 1e-6).float().mean() <= 1e-4, (name, (diff > 1e-6).float().mean().item())
