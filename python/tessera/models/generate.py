@@ -15,7 +15,7 @@ the plain-dict extras entry "hf_config", next to the module under the state key 
     ckpt.save(step, {"model": model, "optim": opt, "hf_config": tessera.models.hf_config(model), ...})
 
 `load_model` reads "hf_config" (JSON, no pickle), builds the family's module with tessera.models.build on the CPU
-in the dtype it names ("torch_dtype"), loads the "model/..." tensors into it (any saving world size: the
+in the dtypes the checkpoint stores, loads the "model/..." tensors into it (any saving world size: the
 checkpoint stores each parameter's full flattened range), and only then converts it to the requested dtype and
 device. Other entries (optimizer state, RNG, ...) are ignored.
 """
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from tessera import _C
 from tessera.checkpoint import Checkpointer
 from tessera.errors import CheckpointError, InvalidArgumentError
 from tessera.models.hf import config_from_hf_dict, load_hf
@@ -158,7 +159,7 @@ def _checkpoint_reader(root: str) -> Checkpointer:
     """A Checkpointer that only loads, for one process. Checkpointer(root) would also prepare to save: create the
     directory and remove every .tmp-* directory in it (left by crashed saves), which, from a process reading the
     checkpoints of a job that is still training, deletes the save that job has in progress. Loading needs only
-    these fields (world 1: no group). See the report of issue 7 part 4 for a read_only option on Checkpointer."""
+    these fields (world 1: no group). A read-only mode of Checkpointer itself would replace this."""
     ckpt = Checkpointer.__new__(Checkpointer)
     ckpt.root, ckpt.rank, ckpt.world, ckpt._group_ref = root, 0, 1, None
     ckpt._pending, ckpt._saves = None, 0
@@ -194,12 +195,13 @@ def _load_checkpoint(root: str, step: int | None, where: str, dtype, device) -> 
             f"{where}: checkpoint step {step} has no '{CONFIG_KEY}' entry, so the model it holds is unknown; save "
             f"it with {{'{MODEL_KEY}': model, '{CONFIG_KEY}': tessera.models.hf_config(model), ...}} ({e})") from None
     cfg = config_from_hf_dict(hf, f"{where} (step {step}, '{CONFIG_KEY}')")
-    saved_dtype = getattr(torch, str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), None)
-    if not isinstance(saved_dtype, torch.dtype):
-        raise CheckpointError(f"{where}: '{CONFIG_KEY}' names dtype {hf.get('torch_dtype')!r}, not a torch dtype")
-    # Built for real (not on meta): the checkpointer copies into existing tensors. In the saved dtype, so that
-    # the checkpoint's dtype check passes; converted afterwards.
-    model = build(cfg, device="cpu", dtype=saved_dtype)
+    # Built for real (not on meta): the checkpointer copies into existing tensors. Each parameter in the dtype the
+    # checkpoint stores it in (its manifest says; the checkpointer rejects another dtype), converted afterwards.
+    model = build(cfg, device="cpu")
+    stored = _C.CheckpointReader(root, step).tensors  # name -> (dtype name, shape), from the manifest
+    for name, p in model.named_parameters():
+        dtype_name = stored.get(f"{MODEL_KEY}/{name}", ("float32",))[0]
+        p.data = p.data.to(getattr(torch, dtype_name))
     ckpt.load(step, {MODEL_KEY: model})
     return model.to(dtype=dtype, device=device)
 
