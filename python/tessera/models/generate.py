@@ -100,8 +100,9 @@ def generate_tokens(model: nn.Module, input_ids: torch.Tensor, *, max_new_tokens
     seconds, after a device sync) and decode_tokens_per_s (batch * decoded positions / decode_s).
 
     One process: `model` is a plain tessera Llama/Mistral (load_model, load_hf), not a sharded one. Raises
-    InvalidArgumentError for an empty or non-2-D prompt, a negative max_new_tokens, prompt_len + max_new_tokens
-    beyond the model's max_seq_len (positions it has no rotary table for), temperature < 0 or top_p outside (0, 1].
+    InvalidArgumentError for an empty or non-2-D prompt or one on another device, a negative max_new_tokens,
+    prompt_len + max_new_tokens beyond the model's max_seq_len (positions it has no rotary table for),
+    temperature < 0 or top_p outside (0, 1].
     """
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "max_seq_len"):
@@ -120,6 +121,8 @@ def generate_tokens(model: nn.Module, input_ids: torch.Tensor, *, max_new_tokens
             f"generate: prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds "
             f"the model's max_seq_len ({cfg.max_seq_len}); shorten the prompt or lower max_new_tokens")
     param = next(model.parameters())
+    if input_ids.device != param.device:
+        raise InvalidArgumentError(f"generate: input_ids are on {input_ids.device}, the model on {param.device}")
     eos = _eos_tensor(eos_token_id, param.device)
     out = [input_ids]
     t0 = time.perf_counter()

@@ -239,8 +239,9 @@ def _write_tokenizer(d):
 
 
 def _run_cli(*args):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "tessera", "generate", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=120, env=env)
 
 
 def test_cli_generates_text_from_an_hf_directory(hf_models):
