@@ -4,6 +4,7 @@
     tessera config [RECIPE.yaml] [key=value ...] print the resolved config
     tessera fetch NAME [--cache-dir DIR]        download and convert a pretrained model; prints its directory
     tessera fetch --list                        the models fetch knows
+    tessera generate MODEL --prompt TEXT [...]   continue a prompt with a model (HF dir or checkpoint)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import dataclasses
 import sys
 
-from tessera.errors import TesseraError
+from tessera.errors import InvalidArgumentError, TesseraError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", help="cache root (default: $TESSERA_CACHE_DIR, else ~/.cache/tessera); the model "
                    "goes to CACHE_DIR/models/NAME")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    _add_generate_parser(sub)
     ns = parser.parse_args(argv)
     if ns.command == "fetch":
         return _fetch(parser, ns)
+    if ns.command == "generate":
+        return _generate(ns)
     recipe = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     overrides = ns.args[1:] if recipe else ns.args
     from tessera.recipes.config import load_config
@@ -67,6 +71,65 @@ def _fetch(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         return 2
     print(path)  # the last line of stdout, for dir=$(tessera fetch NAME)
     return 0
+
+
+# ---- tessera generate ------------------------------------------------------------------------------------------
+
+def _add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a model (greedy or sampled, KV cache)")
+    p.add_argument("model", help="a Hugging Face model directory, or a tessera checkpoint (root or step-* dir)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="a directory with the tokenizer (default: MODEL; needed for a checkpoint)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+
+
+def _generate(ns) -> int:
+    """Prints the continuation on stdout, then prefill time and decode speed on stderr."""
+    import torch
+
+    from tessera.models.generate import eos_token_ids, generate, load_model
+
+    try:
+        device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, model_dir = load_model(ns.model, dtype=getattr(torch, ns.dtype), device=device)
+        tok_dir = ns.tokenizer or model_dir
+        if tok_dir is None:
+            raise InvalidArgumentError(f"{ns.model} is a checkpoint, which has no tokenizer: give --tokenizer DIR "
+                                       "(the HF directory the model came from)")
+        tokenizer = _load_tokenizer(tok_dir)
+        stats: dict = {}
+        text = generate(model, tokenizer, ns.prompt, chat=ns.chat, max_new_tokens=ns.max_new_tokens,
+                        temperature=ns.temperature, top_p=ns.top_p, seed=ns.seed,
+                        eos_token_id=eos_token_ids(tokenizer, tok_dir, model_dir) or None, stats=stats)
+    except TesseraError as e:
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"tessera generate: prompt {stats['prompt_tokens']} tokens, prefill {stats['prefill_s'] * 1e3:.1f} ms; "
+          f"{stats['new_tokens']} new tokens, decode {stats['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def _load_tokenizer(tok_dir: str):
+    """transformers.AutoTokenizer of `tok_dir`; InvalidArgumentError naming the directory if it has none."""
+    from pathlib import Path
+
+    import transformers
+
+    d = Path(tok_dir)
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise InvalidArgumentError(f"{d}: no tokenizer (expected tokenizer.json or tokenizer_config.json); give "
+                                   "--tokenizer DIR")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(d)
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"{d}: the tokenizer could not be loaded: {e}") from None
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch.nn as nn
 from tessera import _C, knobs
 from tessera.checkpoint import extras, jsonio
 from tessera.checkpoint.state import Collected, collect_module, collect_optimizer, restore_optimizer_json
-from tessera.errors import CheckpointError, InvalidArgumentError, TesseraError
+from tessera.errors import CheckpointError, InvalidArgumentError, StateError, TesseraError
 from tessera.shard import fences
 
 log = logging.getLogger("tessera.checkpoint")
@@ -93,10 +93,19 @@ def _rank_world() -> tuple[int, int]:
 
 class Checkpointer:
     def __init__(self, root: str | os.PathLike, keep_last: int = 3, *, threads: int = 4,
-                 commit_timeout_s: float | None = None):
+                 commit_timeout_s: float | None = None, read_only: bool = False):
+        """read_only=True: a reader in this one process (world 1, no collective, even inside a distributed job),
+        for looking at the checkpoints of a job that may still be saving: it creates nothing and never removes
+        the .tmp-* directory of a save in progress (a writer removes those as leftovers of crashed saves).
+        save() then raises StateError."""
         if keep_last < 0:
             raise InvalidArgumentError(f"Checkpointer: keep_last must be >= 0 (0 keeps all), got {keep_last}")
         self.root = os.fspath(root)
+        self.read_only = read_only
+        if read_only:
+            self.rank, self.world, self._group_ref, self._writer = 0, 1, None, None
+            self._crash_writer, self._crash_step, self._pending, self._saves = None, None, None, 0
+            return
         self.rank, self.world = _rank_world()
         k = knobs.load()
         timeout = commit_timeout_s if commit_timeout_s is not None else k.checkpoint_commit_timeout_s
@@ -150,6 +159,8 @@ class Checkpointer:
         and everything else that is not a unit's shard are copied now; unit shards (parameters, optimizer state)
         are staged in the background, and one that is changed in place before its staging ended fails the save
         (wait() raises CheckpointError naming it). See [Note: checkpoint consistency] in tessera/shard/fences.py."""
+        if self.read_only:
+            raise StateError(f"Checkpointer({self.root!r}, read_only=True) cannot save")
         if not isinstance(step, int) or step < 0:
             raise InvalidArgumentError(f"Checkpointer.save: step must be a non-negative int, got {step!r}")
         attempt = self._saves

@@ -150,3 +150,24 @@ def test_load_latest_raises_naming_each_step_when_none_loads(tmp_path, single_ra
     for step, (file, tensor) in damaged.items():
         assert f"step {step}: checkpoint step {step} in {root}: checksum mismatch in " in msg, msg
         assert f"{file} for tensor '{tensor}'" in msg, msg
+
+
+def test_read_only_checkpointer_leaves_a_save_in_progress_alone(tmp_path):
+    """A read-only Checkpointer (what `tessera generate` uses on a training job's checkpoints) creates nothing,
+    removes no .tmp-* directory (a writer removes them as crash leftovers), and refuses to save."""
+    import tessera
+    from tessera.checkpoint import Checkpointer
+
+    root = tmp_path / "ckpt"
+    assert Checkpointer(root, read_only=True).committed_steps() == []
+    assert not root.exists()
+    root.mkdir()
+    in_progress = root / ".tmp-step-0000000007"  # format.cc TmpStepDirName
+    in_progress.mkdir()
+    (in_progress / "data").write_bytes(b"x")
+    ckpt = Checkpointer(root, read_only=True)
+    assert in_progress.is_dir()
+    with pytest.raises(tessera.StateError, match="read_only=True"):
+        ckpt.save(1, {"x": 1})
+    Checkpointer(root)  # a writer does clean up: the test would notice if the name above stopped looking stale
+    assert not in_progress.exists()
