@@ -146,3 +146,9 @@ def test_second_fetch_is_a_cached_no_op(llama3_tokenizer_dir, mistral_v1_tokeniz
 def test_self_check_names_the_first_differing_token():
     with pytest.raises(InternalError, match=r"differently from the original from token 2: \[3\] vs \[4\]"):
         chat_tokenizers._self_check("x", [1, 2, 3], [1, 2, 4])
+
+
+def test_missing_package_is_named():
+    with pytest.raises(ImportError, match=r"llama3-tokenizer needs the Python package 'no_such_pkg_x'.*pip install "
+                                          r"no_such_pkg_x"):
+        chat_tokenizers._require(chat_tokenizers.LLAMA3, "no_such_pkg_x")
