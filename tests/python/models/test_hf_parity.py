@@ -84,3 +84,25 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
             steps = [model(tokens[:, :4], cache)] + [model(tokens[:, i:i + 1], cache) for i in range(4, SEQ)]
         torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
         assert cache.pos == SEQ
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_untied_rope_scaling", "mistral_sliding_window"])
+def test_packed_documents_equal_documents_alone(name, tmp_path):
+    """Packing with per-document isolation: with doc_ids, each document's logits inside a pack equal its logits
+    alone (positions restart, attention never crosses documents; the Mistral window still applies, as a document
+    of 7 tokens is longer than the window of 5)."""
+    make(name, tmp_path)
+    model = tm.load_hf(tmp_path)
+    lengths = [5, 7, 4]
+    docs = [_tokens(seed=10 + i, batch=1, seq=n) for i, n in enumerate(lengths)]
+    pack = torch.cat(docs, dim=1)
+    doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        packed = model(pack, doc_ids=doc_ids)
+        unpacked = model(pack)  # without doc_ids the later documents see the earlier ones
+        at = 0
+        for doc in docs:
+            n = doc.shape[1]
+            torch.testing.assert_close(packed[:, at:at + n], model(doc), rtol=0, atol=1e-5)
+            at += n
+    assert (packed[:, 5:] - unpacked[:, 5:]).abs().max() > 1e-3

@@ -30,17 +30,35 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, float32 [seq, head_dim], for integer `positions` [seq] (rotate-half layout: each frequency
-    appears twice, in the first and the second half)."""
-    freqs = torch.outer(positions.float(), rope_inv_freq(cfg, positions.device))
+    """cos and sin, float32 [..., seq, head_dim], for integer `positions` [..., seq] (rotate-half layout: each
+    frequency appears twice, in the first and the second half)."""
+    freqs = positions[..., None].float() * rope_inv_freq(cfg, positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
+
+
+def packed_positions_and_mask(doc_ids: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed sequences, doc_ids int [batch, seq] (the document each token belongs to; a document's tokens are
+    contiguous): positions [batch, seq] restarting at 0 at each document's first token, and a boolean attention
+    mask [batch, 1, seq, seq] (True = attend) that is causal, never crosses documents, and honours `window`."""
+    b, s = doc_ids.shape
+    idx = torch.arange(s, device=doc_ids.device).expand(b, s)
+    first = torch.ones_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(first, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    i, j = idx[:, :, None], idx[:, None, :]
+    mask = (j <= i) & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    if window is not None:
+        mask &= j > i - window
+    return idx - start, mask[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates x [batch, heads, seq, head_dim] by position: x*cos + rotate_half(x)*sin."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    if cos.dim() == 3:  # per-row positions [batch, seq, head_dim]: broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
@@ -82,7 +100,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None):
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
@@ -94,7 +112,8 @@ class Attention(nn.Module):
             cache.k[layer][:, :, start:start + s] = k
             cache.v[layer][:, :, start:start + s] = v
             k, v = cache.k[layer][:, :, :start + s], cache.v[layer][:, :, :start + s]
-        mask = attention_mask(s, start, self.window, x.device)
+        if mask is None:  # else a packed-sequence mask (window included) from the model
+            mask = attention_mask(s, start, self.window, x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
                                              enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
@@ -121,16 +140,19 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Llama(nn.Module):
-    """forward(tokens int64 [batch, seq], cache=None) -> logits [batch, seq, vocab] in the parameters' dtype.
+    """forward(tokens int64 [batch, seq], cache=None, *, doc_ids=None) -> logits [batch, seq, vocab] in the
+    parameters' dtype.
 
-    With a KVCache, tokens are the next positions after cache.pos, and the cache advances by seq. `config` is
-    the model's LlamaConfig (or MistralConfig)."""
+    With a KVCache, tokens are the next positions after cache.pos, and the cache advances by seq. With doc_ids
+    (int [batch, seq], packed sequences: the document of each token, each document contiguous), positions restart
+    at every document and attention never crosses documents, so a document's logits in a pack equal its logits
+    alone. `config` is the model's LlamaConfig (or MistralConfig)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -146,7 +168,8 @@ class Llama(nn.Module):
     def cfg(self) -> LlamaConfig:
         return self.config
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         start = cache.pos if cache is not None else 0
         s = tokens.shape[1]
         if start + s > self.config.max_seq_len:
@@ -154,10 +177,20 @@ class Llama(nn.Module):
                              f"{self.config.max_seq_len}")
         if cache is not None and start + s > cache.max_len:
             raise ValueError(f"KVCache: {start} + {s} tokens exceed its max_len {cache.max_len}")
-        cos, sin = rope_cos_sin(self.config, torch.arange(start, start + s, device=tokens.device))
+        mask = None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError(f"{type(self).__name__}: doc_ids (packed sequences) cannot be used with a KVCache")
+            if doc_ids.shape != tokens.shape:
+                raise ValueError(f"{type(self).__name__}: doc_ids has shape {tuple(doc_ids.shape)}; expected the "
+                                 f"tokens' {tuple(tokens.shape)}")
+            positions, mask = packed_positions_and_mask(doc_ids, self.config.sliding_window)
+        else:
+            positions = torch.arange(start, start + s, device=tokens.device)
+        cos, sin = rope_cos_sin(self.config, positions)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache, i)
+            h = layer(h, cos, sin, cache, i, mask)
         if cache is not None:
             cache.pos += s
         return self.output(self.norm(h))
