@@ -16,11 +16,16 @@ from tessera.process import end_spawned_rank
 sys.path.insert(0, os.path.dirname(__file__))
 
 # Rank processes are forked from a server process that has imported torch and tessera once, instead of each one
-# importing them afresh (spawn): that saves seconds per rank on 2 cores. Nothing has started threads by then.
+# importing them afresh (spawn): that saves seconds per rank on 2 cores. Nothing has started threads by then. Each
+# rank takes the caller's environment (see _entry).
 mp.set_forkserver_preload(["torch", "tessera"])
 
 
-def _entry(rank: int, world: int, init_file: str, fn, args) -> None:
+def _entry(rank: int, world: int, init_file: str, env: dict, fn, args) -> None:
+    # The fork server was started with the environment of the first run_ranks call: take the caller's current one
+    # (tests set knobs such as TESSERA_DESYNC_CHECK with monkeypatch.setenv just before they call run_ranks).
+    os.environ.clear()
+    os.environ.update(env)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -35,7 +40,8 @@ def run_ranks(world: int, fn, *args) -> None:
     """Runs fn(rank, world, *args) in `world` fresh processes joined by a gloo group; re-raises a rank's error.
     fn must be a module-level function (the processes are spawned)."""
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_entry, args=(world, os.path.join(d, "init"), fn, args), nprocs=world, join=True,
+        mp.start_processes(_entry, args=(world, os.path.join(d, "init"), dict(os.environ), fn, args), nprocs=world,
+                           join=True,
                            start_method="forkserver")
 
 
