@@ -41,7 +41,7 @@ def save_hf(module: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype
     0 writes each tensor at its place in the files as it arrives, so peak host memory is about one unit. Files are
     written under temporary names and moved into place at the end; the other ranks return once they are there.
     Returns the weight file names. Raises InvalidArgumentError for a module without a tessera model config or
-    whose parameters do not match it.
+    whose parameters do not match it (e.g. unmerged LoRA adapters).
     """
     cfg = getattr(module, "config", None)
     fam = family_of(cfg) if cfg is not None else None
@@ -49,6 +49,12 @@ def save_hf(module: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype
         raise InvalidArgumentError(f"save_hf expects a tessera model (tessera.models.load_hf or get(...).build()), "
                                    f"got {type(module).__name__} without a model config")
     shapes = {name: shape for name, shape in _meta_shapes(cfg).items()}
+    extra = [name for name, _ in module.named_parameters() if name not in shapes]
+    if extra:  # they would be left out of the files silently (a LoRA model saved unmerged lost its training)
+        raise InvalidArgumentError(
+            f"save_hf: {type(module).__name__} has parameters the {fam.name} layout does not have: "
+            f"{extra[:4]}{' ...' if len(extra) > 4 else ''}; for LoRA adapters merge them first "
+            "(tessera.peft.merge_lora) or export them with tessera.peft.save_adapter")
     params = list(module.parameters())
     dtype = dtype or (params[0].dtype if params else torch.float32)
     hf_specs = {fam.adapter.to_hf(name): shape for name, shape in shapes.items()}
