@@ -1,7 +1,8 @@
 """save_adapter: a tessera LoRA model's adapters -> a peft adapter directory (adapter_model.safetensors +
 adapter_config.json) that peft.PeftModel.from_pretrained loads onto the transformers model.
 
-Merged export: merge_lora(model), then tessera.models.save_hf(model, dir).
+Merged export: tessera.models.save_hf(model, dir, merge_adapters=True) (plain or sharded), or merge_lora(model)
+then save_hf(model, dir) (plain).
 """
 
 from __future__ import annotations

@@ -150,10 +150,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     cast to W's dtype), and puts plain nn.Linear modules back (holding the same, still frozen, weight Parameter);
     returns `model`, changed in place. Afterwards save_hf writes the merged model.
 
-    Unsharded models only. For a sharded model, export the adapters with save_adapter (collective) and merge
-    them where needed, or gather it with tessera.full_state_dict into an unsharded copy on one rank (apply_lora
-    to a fresh model, load_state_dict, merge_lora, save_hf). Raises StateError for a sharded model and
-    InvalidArgumentError for a model without adapters."""
+    Unsharded models only. A sharded model's merged export is tessera.models.save_hf(model, dir,
+    merge_adapters=True) (collective; it merges unit by unit as it writes and leaves the model unchanged); its
+    adapters alone go out with save_adapter. Raises StateError for a sharded model and InvalidArgumentError for a
+    model without adapters."""
     if _is_sharded(model):
         raise StateError("merge_lora: the model is sharded; merge an unsharded copy (see merge_lora's docstring) "
                          "or export the adapters with tessera.peft.save_adapter")

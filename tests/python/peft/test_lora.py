@@ -135,8 +135,10 @@ def _sharded_vs_one_process(rank, world, src, strategy_name, out):
         else:
             assert torch.equal(v, initial[k]), f"frozen {k} changed"
     save_adapter(model, out / "sharded")
+    tm.save_hf(model, out / "merged_sharded", merge_adapters=True)
     if rank == 0:
         save_adapter(ref, out / "one_process")
+        tm.save_hf(ref, out / "merged_one_process", merge_adapters=True)
 
 
 @pytest.mark.parametrize("world,name,strategy", [
@@ -154,6 +156,14 @@ def test_sharded_lora_equals_one_process(world, name, strategy, tmp_path):
     assert sorted(a) == sorted(b) and len(a) == 2 * 4 * (3 if "mha" in name else 2)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    a = load_file(tmp_path / "merged_sharded" / "model.safetensors")
+    b = load_file(tmp_path / "merged_one_process" / "model.safetensors")
+    base = load_file(src / "model.safetensors")
+    assert sorted(a) == sorted(b) == sorted(base)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])  # the merge changed the weight
 
 
 def test_optimizer_state_only_for_adapters(tmp_path, single_rank_group):
@@ -182,6 +192,7 @@ def test_optimizer_state_only_for_adapters(tmp_path, single_rank_group):
 def test_peft_and_merged_exports_match_transformers(tmp_path):
     import transformers
     from peft import PeftModel
+    from safetensors.torch import load_file
 
     src, adapter, merged = tmp_path / "src", tmp_path / "adapter", tmp_path / "merged"
     make("llama_gqa_untied_rope_scaling", src)
@@ -201,15 +212,20 @@ def test_peft_and_merged_exports_match_transformers(tmp_path):
         torch.testing.assert_close(peft_model(tokens).logits, ours, rtol=0, atol=1e-5)
         base_logits = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(tokens).logits
         assert (base_logits - ours).abs().max() > 1e-3  # the adapters changed something the check can see
-    with pytest.raises(tessera.InvalidArgumentError, match="merge_lora"):
+    with pytest.raises(tessera.InvalidArgumentError, match="merge_adapters=True"):
         tm.save_hf(model, merged)  # unmerged adapters would be dropped silently
+    tm.save_hf(model, tmp_path / "merged_on_write", merge_adapters=True)  # leaves the model as it is
+    assert len(lora_modules(model)) == 4 * model.config.n_layers
     merge_lora(model)
     assert not lora_modules(model)
     tm.save_hf(model, merged)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), ours, rtol=0, atol=1e-5)
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-        torch.testing.assert_close(loaded(tokens).logits, ours, rtol=0, atol=1e-5)
+        for d in (merged, tmp_path / "merged_on_write"):
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+            torch.testing.assert_close(loaded(tokens).logits, ours, rtol=0, atol=1e-5)
+    a, b = load_file(merged / "model.safetensors"), load_file(tmp_path / "merged_on_write" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # both add B @ A * s to W in float32
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
