@@ -91,6 +91,15 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's reset_lora_parameters
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def materialize_meta(self) -> None:
+        """Creates the adapters of a LoRALinear built on the meta device, on the (filled) weight's device and dtype,
+        drawing A as __init__ does: load_hf(adapt=...) calls it unit by unit, in module order, so a sharded load
+        draws the same A as apply_lora on a loaded model under the same seed."""
+        w = self.weight
+        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
@@ -113,8 +122,11 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Replaces the targeted nn.Linear of every block in `model.layers` by a LoRALinear and freezes every other
     parameter (embeddings, norms, head, untargeted linears); returns `model`, changed in place.
 
-    A is drawn from torch's global RNG: seed it identically on every rank (as for the base model) so the ranks'
-    adapters agree. Call it on the unsharded model, before tessera.shard / parallelize. Raises
+    A is drawn from torch's global RNG, block by block in module order: seed it identically on every rank (as for
+    the base model) so the ranks' adapters agree. Call it on the unsharded model, before tessera.shard /
+    parallelize; or on the meta-device model through tessera.models.load_hf(path, shard=True,
+    adapt=lambda m: apply_lora(m, cfg)), which creates each block's adapters as it fills and shards that block
+    (the same A values under the same seed) and never holds the whole model. Raises
     InvalidArgumentError (not a LoRAConfig, no `layers`, a target that is not an nn.Linear) and StateError
     (already sharded, or adapters already applied)."""
     if not isinstance(cfg, LoRAConfig):
@@ -133,13 +145,18 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for i, block in enumerate(layers):
-        for target in cfg.targets:
-            parent = getattr(block, TARGET_PARENT[target])
-            base = getattr(parent, target, None)
+        wanted = {f"{TARGET_PARENT[t]}.{t}" for t in cfg.targets}
+        # In module order, whatever the order of cfg.targets: A is drawn in the order load_hf(adapt=...) fills.
+        found = [(path, m) for path, m in block.named_modules() if path in wanted]
+        if len(found) != len(wanted):
+            missing = sorted(wanted - {path for path, _ in found})
+            raise InvalidArgumentError(f"apply_lora: layers.{i} has no {missing}")
+        for path, base in found:
             if type(base) is not nn.Linear:
-                raise InvalidArgumentError(f"apply_lora: layers.{i}.{TARGET_PARENT[target]}.{target} is "
-                                           f"{type(base).__name__}, expected nn.Linear")
-            setattr(parent, target, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout))
+                raise InvalidArgumentError(f"apply_lora: layers.{i}.{path} is {type(base).__name__}, expected "
+                                           "nn.Linear")
+            parent, _, attr = path.rpartition(".")
+            setattr(block.get_submodule(parent), attr, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout))
     model.lora_config = cfg  # save_adapter writes it to adapter_config.json
     return model
 

@@ -107,15 +107,20 @@ def test_zero_b_gives_base_logits_exactly(tmp_path):
 
 # ---- sharded training equals one process -----------------------------------------------------------------------
 
-def _sharded_vs_one_process(rank, world, src, strategy_name, out):
+def _sharded_vs_one_process(rank, world, src, strategy_name, via_load, out):
     batches = _batches(world)
     ref = _lora_model(src)
+    initial = {k: v.clone() for k, v in ref.state_dict().items()}
     ref_opt = tessera.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=LR)
     ref_losses = _train(ref, ref_opt, batches)
 
-    model = _lora_model(src)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    family_of(model.config).parallelize(model, strategy=tessera.ShardingStrategy[strategy_name])
+    strategy = tessera.ShardingStrategy[strategy_name]
+    if via_load:  # adapters created unit by unit on the meta-device model while load_hf fills and shards it
+        torch.manual_seed(7)
+        model = tm.load_hf(src, shard=True, strategy=strategy, adapt=lambda m: apply_lora(m, CFG))
+    else:
+        model = _lora_model(src)
+        family_of(model.config).parallelize(model, strategy=strategy)
     opt = tessera.optim.AdamW(model.parameters(), lr=LR)  # frozen shards included: they must get no state
     losses = _train(model, opt, batches, rank, world)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
@@ -141,16 +146,16 @@ def _sharded_vs_one_process(rank, world, src, strategy_name, out):
         tm.save_hf(ref, out / "merged_one_process", merge_adapters=True)
 
 
-@pytest.mark.parametrize("world,name,strategy", [
-    (2, "llama_mha_tied_head_dim", "FULL_SHARD"),
-    (3, "mistral_sliding_window", "SHARD_GRAD_OP"),
+@pytest.mark.parametrize("world,name,strategy,via_load", [
+    (2, "llama_mha_tied_head_dim", "FULL_SHARD", False),
+    (3, "mistral_sliding_window", "SHARD_GRAD_OP", True),
 ])
-def test_sharded_lora_equals_one_process(world, name, strategy, tmp_path):
+def test_sharded_lora_equals_one_process(world, name, strategy, via_load, tmp_path):
     from safetensors.torch import load_file
 
     src = tmp_path / "src"
     make(name, src)
-    run_ranks(world, _sharded_vs_one_process, src, strategy, tmp_path)
+    run_ranks(world, _sharded_vs_one_process, src, strategy, via_load, tmp_path)
     a = load_file(tmp_path / "sharded" / "adapter_model.safetensors")
     b = load_file(tmp_path / "one_process" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and len(a) == 2 * 4 * (3 if "mha" in name else 2)
@@ -262,3 +267,22 @@ def test_apply_twice_sharded_and_merge_errors(tmp_path, single_rank_group):
     family_of(model.config).parallelize(model, group=single_rank_group)
     with pytest.raises(tessera.StateError, match="sharded"):
         merge_lora(model)
+
+
+def test_adapters_drawn_in_module_order_whatever_the_targets_order(tmp_path):
+    make("llama_mha_tied_head_dim", tmp_path)
+    a = _lora_model(tmp_path, LoRAConfig(targets=("w2", "wq", "w1")))
+    b = _lora_model(tmp_path, LoRAConfig(targets=("wq", "w1", "w2")))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_load_hf_adapt_names_a_parameter_it_cannot_create(tmp_path):
+    make("llama_mha_tied_head_dim", tmp_path)
+
+    def add_param(model):
+        model.layers[1].extra = nn.Parameter(torch.empty(3, device="meta"))
+
+    with pytest.raises(tessera.InvalidArgumentError, match=r"\['layers.1.extra'\] are neither in the files"):
+        tm.load_hf(tmp_path, adapt=add_param)
