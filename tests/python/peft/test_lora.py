@@ -27,7 +27,7 @@ from tessera.models.llama.model import cross_entropy  # noqa: E402
 from tessera.peft import LoRAConfig, LoRALinear, apply_lora, lora_modules, merge_lora, save_adapter  # noqa: E402
 
 CFG = LoRAConfig(rank=4, alpha=8.0, targets=("wq", "wv", "wo", "w2"))
-STEPS, LR = 3, 1e-2
+STEPS, LR, MAX_NORM = 3, 1e-2, 0.05
 
 
 def _batches(world: int, per_rank: int = 2, seq: int = 10):
@@ -42,7 +42,7 @@ def _lora_model(src, cfg=CFG):
 
 
 def _train(model, opt, batches, rank=0, world=1):
-    """STEPS AdamW steps; returns the per-step mean loss over the global batch. Rank r trains on the r-th
+    """STEPS AdamW steps with gradient clipping; returns the per-step mean loss over the global batch. Rank r trains on the r-th
     contiguous slice of each batch's rows (equal slices, so the mean of the ranks' means is the global mean)."""
     losses = []
     for tokens in batches:
@@ -50,6 +50,11 @@ def _train(model, opt, batches, rank=0, world=1):
         local = tokens[rank * rows:(rank + 1) * rows]
         loss = cross_entropy(model(local[:, :-1]), local[:, 1:])
         loss.backward()
+        if world > 1:  # global norm over the adapters' shards; the frozen base has no gradients
+            norm = tessera.clip_grad_norm_(model, MAX_NORM)
+        else:
+            norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_NORM)
+        assert norm > MAX_NORM  # the clipping is exercised
         opt.step()
         opt.zero_grad(set_to_none=True)
         value = loss.detach().clone()
