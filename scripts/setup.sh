@@ -32,8 +32,10 @@ fi
 # transformers/tokenizers/gguf: the HF model layer (tessera.models: tokenizers, `tessera fetch`'s GGUF conversion)
 # and the logit-parity tests against transformers. tiktoken, sentencepiece and protobuf: `tessera fetch`'s Llama 3
 # (tiktoken BPE) and Mistral (SentencePiece model, a protobuf) tokenizer conversions and their reference tests.
+# peft: tessera.peft's adapter export is checked by loading it with peft (tests/python/peft).
 .venv/bin/pip install -q numpy pyyaml pytest safetensors "scikit-build-core>=0.10" \
-  "transformers>=5.20,<6" "tokenizers>=0.22" "gguf==0.19.0" "tiktoken>=0.7" "sentencepiece>=0.2" protobuf
+  "transformers>=5.20,<6" "tokenizers>=0.22" "gguf==0.19.0" "tiktoken>=0.7" "sentencepiece>=0.2" protobuf \
+  "peft==0.21.2"
 
 echo "setup: building tessera (C++ core + Python extension) against the installed torch"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}

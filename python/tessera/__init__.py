@@ -29,6 +29,7 @@ from tessera.shard.types import MixedPrecision, ShardingStrategy
 from tessera.shard.clip import clip_grad_norm_
 from tessera.shard.state_dict import full_state_dict, load_full_state_dict
 from tessera import models  # noqa: E402  (Llama/Mistral, load_hf/save_hf; after shard, which parallelize uses)
+from tessera import peft  # noqa: E402  (LoRA on the models above)
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "full_state_dict",
     "load_full_state_dict",
     "optim",
+    "peft",
     "set_requires_gradient_sync",
     "shard",
 ]

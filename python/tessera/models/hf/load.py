@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -81,7 +82,11 @@ def fill_from(index: WeightIndex, hf_of: dict, prefix_of: dict[int, str], *, dty
     """A before_shard/materialize callback: replaces every meta parameter directly in `module` (and its
     unsharded submodules) by the tensor read from the files, converted to `dtype` on `device`. Tied parameters
     are replaced at every location, so they stay one tensor. Reads one tensor at a time, so a module's weights
-    are never held twice."""
+    are never held twice.
+
+    Parameters the files do not hold (added by load_hf's `adapt`, e.g. LoRA adapters) are left to their module's
+    `materialize_meta()` method, called after the module's own weights are filled; InvalidArgumentError names a
+    parameter that stays on the meta device."""
 
     def fill(module: nn.Module) -> None:
         replaced: dict[int, nn.Parameter] = {}
@@ -93,16 +98,26 @@ def fill_from(index: WeightIndex, hf_of: dict, prefix_of: dict[int, str], *, dty
                 new = replaced.get(id(p))
                 if new is None:
                     name = f"{base}.{attr}" if base else attr
+                    if name not in hf_of:
+                        continue  # not in the files: materialize_meta below
                     t = index.get(hf_of[name])
                     t = t.to(dtype=dtype or t.dtype, device=device)
                     new = replaced[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad)
                 sub._parameters[attr] = new
+            if hasattr(sub, "materialize_meta") and any(p.is_meta for p in sub.parameters(recurse=False)):
+                sub.materialize_meta()
+        left = [f"{prefix_of[id(sub)]}.{a}" for sub in module.modules() for a, p in sub._parameters.items()
+                if p is not None and p.is_meta]
+        if left:
+            raise InvalidArgumentError(f"load_hf: parameters {left[:4]} are neither in the files nor created by "
+                                       "their module's materialize_meta()")
 
     return fill
 
 
 def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None, shard: bool = False,
-            group=None, strategy=None, mixed_precision=None) -> nn.Module:
+            group=None, strategy=None, mixed_precision=None,
+            adapt: Callable[[nn.Module], object] | None = None) -> nn.Module:
     """Loads a Hugging Face Llama or Mistral directory (config.json, and model.safetensors or a sharded set with
     model.safetensors.index.json) into tessera's module for its family. The module's `config` attribute is the
     tessera config (LlamaConfig / MistralConfig, with the HF fields tessera does not use in `hf_extra`).
@@ -111,6 +126,9 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
     shard=True: the model is built on the meta device and sharded with its family's parallelize (group, strategy,
     mixed_precision as tessera.shard), filling each unit from the files just before it is sharded: a rank holds at
     most one unsharded unit at a time, never the full model. Collective (every rank of `group` calls it).
+    adapt(model): changes the model built on the meta device before it is filled and sharded, e.g.
+    `lambda m: tessera.peft.apply_lora(m, cfg)` so adapters are sharded with their block; parameters it adds are
+    created by their module's materialize_meta() (see fill_from), unit by unit.
 
     The model is built on the meta device and each parameter is read from the memory-mapped files once, so the
     weights are never held twice. Raises InvalidArgumentError (no such directory, no config.json or weights, an
@@ -122,6 +140,8 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
     index = WeightIndex(Path(path))
     model = build(cfg, device="meta")
     hf_of = _check_weights(fam, index, expected_params(model), cfg.tie_embeddings)
+    if adapt is not None:
+        adapt(model)
     prefix_of = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     fill = fill_from(index, hf_of, prefix_of, dtype=dtype, device=torch.device(device or "cpu"))
     if shard:

@@ -31,17 +31,21 @@ def _rank(module: nn.Module) -> int:
 
 
 def save_hf(module: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
-            max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, files_from: str | os.PathLike | None = None) -> list[str]:
+            max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, files_from: str | os.PathLike | None = None,
+            merge_adapters: bool = False) -> list[str]:
     """Writes `module` (a tessera Llama or Mistral, plain or sharded) as a Hugging Face directory: config.json and
     safetensors weights, split into files of at most `max_file_bytes` bytes with model.safetensors.index.json when
     larger. dtype: the stored dtype (None: the parameters' dtype). files_from: an HF directory whose tokenizer and
-    generation files (TOKENIZER_FILES) are copied along.
+    generation files (TOKENIZER_FILES) are copied along. merge_adapters: for a model with LoRA adapters
+    (tessera.peft.apply_lora), write W + (B @ A) * scaling for each adapted weight (computed in float32) and leave the
+    adapters out; the module itself is not changed. This is the merged export of a sharded LoRA model, where
+    tessera.peft.merge_lora cannot run: each block's adapters arrive in the same unit as their base weight.
 
     For a sharded module this is collective (call it on every rank): units are all-gathered one at a time and rank
     0 writes each tensor at its place in the files as it arrives, so peak host memory is about one unit. Files are
     written under temporary names and moved into place at the end; the other ranks return once they are there.
     Returns the weight file names. Raises InvalidArgumentError for a module without a tessera model config or
-    whose parameters do not match it.
+    whose parameters do not match it (e.g. unmerged LoRA adapters).
     """
     cfg = getattr(module, "config", None)
     fam = family_of(cfg) if cfg is not None else None
@@ -49,6 +53,14 @@ def save_hf(module: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype
         raise InvalidArgumentError(f"save_hf expects a tessera model (tessera.models.load_hf or get(...).build()), "
                                    f"got {type(module).__name__} without a model config")
     shapes = {name: shape for name, shape in _meta_shapes(cfg).items()}
+    scaling = _adapter_scalings(module) if merge_adapters else {}
+    extra = [name for name, _ in module.named_parameters()
+             if name not in shapes and name.rpartition(".")[0] not in scaling]
+    if extra:  # they would be left out of the files silently (a LoRA model saved unmerged lost its training)
+        raise InvalidArgumentError(
+            f"save_hf: {type(module).__name__} has parameters the {fam.name} layout does not have: "
+            f"{extra[:4]}{' ...' if len(extra) > 4 else ''}; for LoRA adapters pass merge_adapters=True (or "
+            "tessera.peft.merge_lora first), or export them with tessera.peft.save_adapter")
     params = list(module.parameters())
     dtype = dtype or (params[0].dtype if params else torch.float32)
     hf_specs = {fam.adapter.to_hf(name): shape for name, shape in shapes.items()}
@@ -59,7 +71,18 @@ def save_hf(module: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype
         out.mkdir(parents=True, exist_ok=True)
         writer = StreamingWriter(out, hf_specs, dtype, max_file_bytes)
     try:
+        pending: dict[str, dict[str, torch.Tensor]] = {}  # adapted module path -> its weight, lora_A, lora_B
         for name, full in _full_tensors(module):
+            path, _, attr = name.rpartition(".")
+            if path in scaling:
+                parts = pending.setdefault(path, {})
+                parts[attr] = full
+                if len(parts) < 3:
+                    continue
+                del pending[path]
+                name = f"{path}.weight"
+                w, a, b = parts["weight"], parts["lora_A"], parts["lora_B"]
+                full = (w.float() + (b.float() @ a.float()) * scaling[path]).to(w.dtype) if writer else w
             if name in shapes and writer is not None:
                 writer.write(fam.adapter.to_hf(name), full)
         if writer is not None:
@@ -75,6 +98,13 @@ def save_hf(module: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype
         if rank != 0:
             files = sorted(p.name for p in out.glob("*.safetensors"))
     return files
+
+
+def _adapter_scalings(module: nn.Module) -> dict[str, float]:
+    """Module path -> scaling of every LoRA-adapted linear (a module with lora_A, lora_B and scaling: the duck type
+    of tessera.peft.LoRALinear, which models must not import)."""
+    return {name: float(m.scaling) for name, m in module.named_modules()
+            if hasattr(m, "lora_A") and hasattr(m, "lora_B") and hasattr(m, "scaling")}
 
 
 def _meta_shapes(cfg) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,112 @@
+"""save_adapter: a tessera LoRA model's adapters -> a peft adapter directory (adapter_model.safetensors +
+adapter_config.json) that peft.PeftModel.from_pretrained loads onto the transformers model.
+
+Merged export: tessera.models.save_hf(model, dir, merge_adapters=True) (plain or sharded), or merge_lora(model)
+then save_hf(model, dir) (plain).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from tessera.errors import InvalidArgumentError
+from tessera.models.registry import family_of
+from tessera.peft.lora import TARGET_HF, LoRAConfig, lora_modules
+from tessera.shard.runtime import managed_by, unit_of
+from tessera.shard.state_dict import keys_by_location
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def peft_key(hf_adapter, module_path: str, which: str) -> str:
+    """peft's saved key for adapter `which` ('lora_A' or 'lora_B') of tessera module layers.N.attention.wq:
+    base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight (PeftModel wraps the CausalLM as
+    base_model.model; the adapter name 'default' is not part of saved keys)."""
+    hf_weight = hf_adapter.to_hf(f"{module_path}.weight")  # model.layers.N.self_attn.q_proj.weight
+    return f"base_model.model.{hf_weight[: -len('.weight')]}.{which}.weight"
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """tessera parameter name (layers.N.attention.wq.lora_A) -> full tensor on CPU, for every adapter.
+    Sharded units are all-gathered one at a time (collective; peak memory about one unit), keeping the adapters
+    only."""
+    wanted = {f"{path}.{w}" for path in lora_modules(model) for w in ("lora_A", "lora_B")}
+    out: dict[str, torch.Tensor] = {}
+    keys = keys_by_location(model)
+    for sub in model.modules():
+        unit = unit_of(sub)
+        if unit is None:
+            continue
+        # The unit's whole flat buffer is gathered, frozen base included: _C.Unit has no gather of the trainable
+        # prefix alone. One unit at a time keeps the cost to one block's weights.
+        for info, full in zip(unit.params, unit.gather_full()):
+            for mod, attr in info.locations:
+                if keys[(id(mod), attr)] in wanted:
+                    out[keys[(id(mod), attr)]] = full.detach().cpu().clone()
+    for name, p in model.named_parameters():
+        if name in wanted and managed_by(p) is None:
+            out[name] = p.detach().cpu().clone()
+    missing = wanted - set(out)
+    if missing:
+        raise InvalidArgumentError(f"save_adapter: adapters {sorted(missing)[:4]} were not found among the "
+                                   "model's parameters")
+    return out
+
+
+def adapter_config(cfg: LoRAConfig, base_model_name_or_path: str | None) -> dict:
+    """The adapter_config.json dict peft's LoraConfig reads for `cfg`."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "target_modules": sorted(TARGET_HF[t] for t in cfg.targets), "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+    }
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Writes `model`'s LoRA adapters (a tessera Llama/Mistral after apply_lora, plain or sharded) as a peft
+    adapter directory: adapter_model.safetensors (keys base_model.model.model.layers.N.self_attn.q_proj.lora_A
+    .weight [r, in] and ...lora_B.weight [out, r]) and adapter_config.json (peft_type LORA, r, lora_alpha,
+    lora_dropout, target_modules in HF names, task_type CAUSAL_LM, bias none). dtype: stored dtype (None: the
+    adapters'). base_model_name_or_path: recorded for peft (the HF directory or hub id of the base model).
+
+    Sharded: collective (every rank calls it); rank 0 writes, each file under a temporary name then renamed,
+    and the other ranks return once the files are in place. Returns out_dir as a Path. Raises
+    InvalidArgumentError for a model without adapters or without a tessera model config."""
+    cfg = getattr(model, "lora_config", None)
+    if not isinstance(cfg, LoRAConfig) or not lora_modules(model):
+        raise InvalidArgumentError(f"save_adapter: {type(model).__name__} has no LoRA adapters (apply "
+                                   "tessera.peft.apply_lora first)")
+    model_cfg = getattr(model, "config", None)
+    fam = family_of(model_cfg) if model_cfg is not None else None
+    if fam is None:
+        raise InvalidArgumentError(f"save_adapter expects a tessera model with a model config, got "
+                                   f"{type(model).__name__}")
+    sharded = any(unit_of(m) is not None for m in model.modules())
+    rank = dist.get_rank() if sharded and dist.is_initialized() else 0
+    tensors = _adapter_tensors(model)  # collective when sharded
+    out = Path(out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        weights = {}
+        for name, t in tensors.items():
+            path, _, which = name.rpartition(".")
+            weights[peft_key(fam.adapter, path, which)] = t.to(dtype or t.dtype).contiguous()
+        tmp = out / f".{ADAPTER_WEIGHTS}.tmp-{os.getpid()}"
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / ADAPTER_WEIGHTS)
+        tmp = out / f".{ADAPTER_CONFIG}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(adapter_config(cfg, base_model_name_or_path), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out / ADAPTER_CONFIG)
+    if sharded and dist.is_initialized():
+        dist.barrier()  # the other ranks return once rank 0's files are in place
+    return out
