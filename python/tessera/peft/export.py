@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from tessera.errors import InvalidArgumentError
 from tessera.models.registry import family_of
 from tessera.peft.lora import TARGET_HF, LoRAConfig, lora_modules
-from tessera.shard.runtime import managed_by, unit_of
-from tessera.shard.state_dict import keys_by_location
+from tessera.shard.runtime import unit_of
+from tessera.shard.state_dict import iter_full_params
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,20 +40,11 @@ def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     only."""
     wanted = {f"{path}.{w}" for path in lora_modules(model) for w in ("lora_A", "lora_B")}
     out: dict[str, torch.Tensor] = {}
-    keys = keys_by_location(model)
-    for sub in model.modules():
-        unit = unit_of(sub)
-        if unit is None:
-            continue
-        # The unit's whole flat buffer is gathered, frozen base included: _C.Unit has no gather of the trainable
-        # prefix alone. One unit at a time keeps the cost to one block's weights.
-        for info, full in zip(unit.params, unit.gather_full()):
-            for mod, attr in info.locations:
-                if keys[(id(mod), attr)] in wanted:
-                    out[keys[(id(mod), attr)]] = full.detach().cpu().clone()
-    for name, p in model.named_parameters():
-        if name in wanted and managed_by(p) is None:
-            out[name] = p.detach().cpu().clone()
+    # A unit's whole flat buffer is gathered, frozen base included: _C.Unit has no gather of the trainable prefix
+    # alone. One unit at a time keeps the cost to one block's weights.
+    for name, full in iter_full_params(model):
+        if name in wanted:
+            out[name] = full.detach().cpu().clone()
     missing = wanted - set(out)
     if missing:
         raise InvalidArgumentError(f"save_adapter: adapters {sorted(missing)[:4]} were not found among the "

@@ -82,6 +82,24 @@ def keys_by_location(module: nn.Module) -> dict[tuple[int, str], str]:
     }
 
 
+def iter_full_params(module: nn.Module):
+    """(key in module.state_dict(), full tensor) for every parameter, one unit at a time: each sharded unit is
+    all-gathered (collective: every rank of each unit's group iterates to the end) and yielded under each of its
+    parameters' keys (tied ones under every key); parameters outside any unit come as they are. Peak memory: one
+    unit's full parameters."""
+    keys = keys_by_location(module)
+    for sub in module.modules():
+        unit = unit_of(sub)
+        if unit is None:
+            continue
+        for info, full in zip(unit.params, unit.gather_full()):
+            for mod, attr in info.locations:
+                yield keys[(id(mod), attr)], full
+    for name, p in module.named_parameters():
+        if managed_by(p) is None:
+            yield name, p
+
+
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter gathered to its full shape (in the shard's dtype, on CPU) and every buffer, under the keys
     the unsharded module's state_dict() has. Collective: every rank of each unit's group must call it."""

@@ -15,8 +15,8 @@ import torch.nn as nn
 from tessera.errors import InvalidArgumentError
 from tessera.models.hf.safetensors_files import INDEX, SINGLE, StreamingWriter
 from tessera.models.registry import build, family_of
-from tessera.shard.runtime import managed_by, unit_of
-from tessera.shard.state_dict import keys_by_location
+from tessera.shard.runtime import unit_of
+from tessera.shard.state_dict import iter_full_params
 
 DEFAULT_MAX_FILE_BYTES = 5 * 2**30  # transformers' save_pretrained default max_shard_size ("5GB")
 # Files a model directory's tokenizer and generation defaults live in; save_hf copies them from `files_from`.
@@ -25,9 +25,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _rank(module: nn.Module) -> int:
-    sharded = any(unit_of(m) is not None for m in module.modules())
-    return dist.get_rank() if sharded and dist.is_available() and dist.is_initialized() else 0
+def _is_sharded(module: nn.Module) -> bool:
+    return any(unit_of(m) is not None for m in module.modules())
 
 
 def save_hf(module: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -65,14 +64,15 @@ def save_hf(module: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype
     dtype = dtype or (params[0].dtype if params else torch.float32)
     hf_specs = {fam.adapter.to_hf(name): shape for name, shape in shapes.items()}
     out = Path(out_dir)
-    rank = _rank(module)
+    sharded = _is_sharded(module) and dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if sharded else 0
     writer = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         writer = StreamingWriter(out, hf_specs, dtype, max_file_bytes)
     try:
         pending: dict[str, dict[str, torch.Tensor]] = {}  # adapted module path -> its weight, lora_A, lora_B
-        for name, full in _full_tensors(module):
+        for name, full in iter_full_params(module):
             path, _, attr = name.rpartition(".")
             if path in scaling:
                 parts = pending.setdefault(path, {})
@@ -93,7 +93,7 @@ def save_hf(module: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype
         if writer is not None:
             writer.abort()
         raise
-    if any(unit_of(m) is not None for m in module.modules()) and dist.is_initialized():
+    if sharded:
         dist.barrier()  # the other ranks return once rank 0's files are in place
         if rank != 0:
             files = sorted(p.name for p in out.glob("*.safetensors"))
@@ -109,23 +109,6 @@ def _adapter_scalings(module: nn.Module) -> dict[str, float]:
 
 def _meta_shapes(cfg) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in build(cfg, device="meta").named_parameters()}
-
-
-def _full_tensors(module: nn.Module):
-    """(tessera name, full tensor) for every parameter, one unit at a time: a sharded unit is all-gathered
-    (collective) and yielded under each of its parameters' names (tied ones under every name); parameters
-    outside any unit come as they are."""
-    keys = keys_by_location(module)
-    for sub in module.modules():
-        unit = unit_of(sub)
-        if unit is None:
-            continue
-        for info, full in zip(unit.params, unit.gather_full()):
-            for mod, attr in info.locations:
-                yield keys[(id(mod), attr)], full
-    for name, p in module.named_parameters():
-        if managed_by(p) is None:
-            yield name, p
 
 
 def _write_side_files(out: Path, hf_config: dict, files: list[str], files_from) -> None:
