@@ -6,6 +6,9 @@
 #   python  build and install the Python package (pip, scikit-build-core, against the installed torch), import it
 #   bench   python benchmarks/gpu_bench.py (skipped with a message while it does not exist)
 # Usage: scripts/gpu_check.sh [cpp] [python] [bench]     (no argument: all three, in that order)
+#   CPP_TARGETS="cuda_kernels_test comm_test"  builds only those targets (default: all);
+#   CTEST_REGEX="Cuda|Nccl"                   runs only the matching tests (default: all);
+#   BENCH_ARGS="--skip-checkpoint"            passes arguments to gpu_bench.py.
 # Abseil, xxHash and GoogleTest come from .deps/ (made here by scripts/fetch_gpu_deps.sh, carried along).
 # Logs go to $OUT when set (the folder that comes back from the machine), else gpu-check-logs/. Exit status 1 if a
 # step failed.
@@ -79,10 +82,17 @@ cpp_configure() {
   cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DTESSERA_BUILD_TESTS=ON -DTESSERA_WITH_TORCH=OFF \
     -DTESSERA_WITH_CUDA=ON
 }
-cpp_build() { cmake --build build-gpu -j "$JOBS"; }
+cpp_build() {
+  local targets=()
+  for t in ${CPP_TARGETS:-}; do targets+=(--target "$t"); done
+  cmake --build build-gpu -j "$JOBS" "${targets[@]}"
+}
 cpp_test() {
   # Tests share the one GPU; a few at a time keeps the run short without starving the multi-threaded CPU tests.
-  ctest --test-dir build-gpu --output-on-failure -j 4 --timeout 300 --output-junit "$LOG_DIR/ctest-junit.xml"
+  local filter=()
+  [[ -n "${CTEST_REGEX:-}" ]] && filter=(-R "$CTEST_REGEX")
+  ctest --test-dir build-gpu --output-on-failure -j 4 --timeout 120 "${filter[@]}" \
+    --output-junit "$LOG_DIR/ctest-junit.xml"
   local rc=$?
   cp build-gpu/Testing/Temporary/LastTest.log "$LOG_DIR/ctest-LastTest.log" 2>/dev/null || true
   return "$rc"
@@ -100,7 +110,8 @@ python_import() {
 f = getattr(C, 'cuda_built', None); print('CUDA kernels built:', f() if callable(f) else f)")
 }
 
-bench() { "$PYTHON" benchmarks/gpu_bench.py; }
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+bench() { PYTHONUNBUFFERED=1 "$PYTHON" benchmarks/gpu_bench.py ${BENCH_ARGS:-}; }
 
 # ---- run -----------------------------------------------------------------------------------------------------------
 run_step environment environment
