@@ -1,7 +1,8 @@
 """The `tessera` command line.
 
-    tessera run [RECIPE.yaml] [key=value ...]   train (no recipe: the embedded demo on 2 CPU ranks)
-    tessera config [RECIPE.yaml] [key=value ...] print the resolved config
+    tessera run RECIPE.yaml [key=value ...]     train: fine-tune or pretrain as the recipe says (recipes/*.yaml);
+                                                overrides are dotted keys, e.g. training.steps=20 output_dir=runs/x
+    tessera config [RECIPE.yaml] [key=value ...] print the resolved config (YAML)
     tessera fetch NAME [--cache-dir DIR]        download and convert a pretrained model; prints its directory
     tessera fetch --list                        the models fetch knows
     tessera generate MODEL --prompt TEXT [...]   continue a prompt with a model (HF dir or checkpoint)
@@ -10,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from tessera.errors import InvalidArgumentError, TesseraError
@@ -19,7 +19,7 @@ from tessera.errors import InvalidArgumentError, TesseraError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tessera", description="tessera: sharded training for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "train from a recipe (default: the embedded demo)"),
+    for name, help_text in (("run", "train from a recipe (recipes/*.yaml) with key=value overrides"),
                             ("config", "print the resolved config of a recipe")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("args", nargs="*", help="[RECIPE.yaml] followed by key=value overrides")
@@ -42,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(recipe, overrides)
         if ns.command == "config":
-            for f in dataclasses.fields(cfg):
-                v = getattr(cfg, f.name)
-                print(f"{f.name}: {getattr(v, 'value', v)}")
-            return 0
-        from tessera.recipes.train import run
+            from tessera.recipes.config import dump
 
-        run(cfg)
+            print(dump(cfg), end="")
+            return 0
+        from tessera.recipes.launch import run
+
+        return run(cfg)
     except TesseraError as e:
         print(f"tessera: error: {e}", file=sys.stderr)
         return 2

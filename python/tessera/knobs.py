@@ -122,3 +122,8 @@ def load() -> Knobs:
 def launched_by_torchrun() -> bool:
     """Whether this process is one rank of a job started by torchrun (or another launcher setting RANK)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def torchrun_local_rank() -> int:
+    """This process's LOCAL_RANK under torchrun (its GPU index on the node); 0 when unset."""
+    return int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,1 +1,2 @@
-"""Training jobs run by `tessera run`: a typed config (config.py) and the training loop (train.py)."""
+"""Training jobs run by `tessera run`: the typed config (config.py), what is trained (build.py, data_sources.py),
+the LR schedule (schedule.py), the loop on each rank (loop.py) and the start of the ranks (launch.py)."""
