@@ -9,13 +9,9 @@ from __future__ import annotations
 import math
 import sys
 
+from tessera.metrics.rank import is_rank0
+
 _GIB = 1024 ** 3
-
-
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def format_fields(loss: float, lr: float, tokens_per_s: float, mfu: float | None,
@@ -48,7 +44,7 @@ class Progress:
             raise ValueError(f"Progress: log_every must be >= 1, found {log_every}")
         self.total_steps = total_steps
         self.log_every = log_every
-        self.enabled = enabled and _is_rank0()
+        self.enabled = enabled and is_rank0()
         self._bar = None
         if self.enabled and getattr(sys.stderr, "isatty", lambda: False)():
             from tqdm import tqdm  # lazily: only a terminal needs it

@@ -22,7 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tessera.errors import InvalidArgumentError
+from tessera.errors import InvalidArgumentError, NotSupportedError
+from tessera.metrics.rank import is_rank0
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -94,9 +95,12 @@ class MetricsWriter:
     """Rank 0's record of a run: <output_dir>/metrics.jsonl (one JSON object per line, flushed after each line)
     and a TensorBoard event file under <output_dir>/tensorboard/ (torch.utils.tensorboard.SummaryWriter).
 
-    Create it on rank 0 only. `resume_step`: the step of the checkpoint a resumed run starts from (None: a fresh
-    run, which replaces an old metrics.jsonl); see [Note: metrics.jsonl on resume]. `tensorboard=False` writes
-    metrics.jsonl only (and needs no tensorboard package). Use as a context manager or call close().
+    On a rank other than 0 of an initialised torch.distributed group it does nothing (`enabled` is False), so the
+    loop may create it on every rank without the ranks writing one file at once. `resume_step`: the step of the
+    checkpoint a resumed run starts from (None: a fresh run, which replaces an old metrics.jsonl); see
+    [Note: metrics.jsonl on resume]. `tensorboard=False` writes metrics.jsonl only (and needs no tensorboard
+    package; with tensorboard=True and no package, NotSupportedError says so). Use as a context manager or call
+    close().
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, tensorboard: bool = True,
@@ -107,17 +111,26 @@ class MetricsWriter:
                                        f"found {resume_step!r}")
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / METRICS_FILE
+        self.enabled = is_rank0()
+        self._file = None
+        self._tb = None
+        if not self.enabled:
+            return
+        if tensorboard:  # checked first: a missing package must not leave metrics.jsonl already truncated
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # lazily: tensorboard is needed only here
+            except ImportError as e:
+                raise NotSupportedError(f"MetricsWriter({self.output_dir}): TensorBoard logging needs the "
+                                        f"tensorboard package ({e}); pip install 'tensorboard>=2.15', or pass "
+                                        f"tensorboard=False") from None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         kept = self._truncate(resume_step)
         self._last_step = kept[-1]["step"] if kept else None
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # lazily: tensorboard is needed only here
-
             purge = None if resume_step is None else resume_step + 1
             self._tb = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR), purge_step=purge,
                                      flush_secs=30)
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def _truncate(self, resume_step: int | None) -> list[dict]:
         """Rewrites metrics.jsonl to the lines with step <= resume_step (none for a fresh run), atomically."""
@@ -141,7 +154,9 @@ class MetricsWriter:
         (eval_loss -> eval/loss). Units are the caller's (the loop logs loss in nats/token, lr, tokens (count),
         tokens_per_s, mfu (fraction in [0, 1]), grad_norm, peak_mem_bytes (bytes), eval_loss, eval_ppl).
         Raises InvalidArgumentError for a step below the last one logged, a "step" key in metrics, or a value
-        that is not a number, string, one-element tensor or None."""
+        that is not a number, string, one-element tensor or None. Does nothing on ranks other than 0."""
+        if not self.enabled:
+            return
         if self._file is None:
             raise InvalidArgumentError(f"MetricsWriter({self.output_dir}): log(step={step}) after close()")
         if isinstance(step, bool) or not isinstance(step, int):
