@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tessera.errors import InvalidArgumentError, NotSupportedError
+from tessera.errors import InvalidArgumentError, NotSupportedError, StateError
 from tessera.metrics.rank import is_rank0
 
 METRICS_FILE = "metrics.jsonl"
@@ -158,7 +158,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         if self._file is None:
-            raise InvalidArgumentError(f"MetricsWriter({self.output_dir}): log(step={step}) after close()")
+            raise StateError(f"MetricsWriter({self.output_dir}): log(step={step}) after close()")
         if isinstance(step, bool) or not isinstance(step, int):
             raise InvalidArgumentError(f"MetricsWriter.log: step must be an int, found {step!r}")
         if self._last_step is not None and step < self._last_step:

@@ -134,3 +134,12 @@ def test_tensorboard_resume_purges_the_redone_steps(tmp_path):
         for step in (7, 8):
             w.log(step, {"loss": 100.0 + step})
     assert _tb_scalars(tmp_path, "train/loss") == [(s, float(s)) for s in range(1, 7)] + [(7, 107.0), (8, 108.0)]
+
+
+def test_log_after_close_is_a_state_error(tmp_path):
+    from tessera.errors import StateError
+
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    w.close()
+    with pytest.raises(StateError, match=r"log\(step=1\) after close\(\)"):
+        w.log(1, {"loss": 1.0})
