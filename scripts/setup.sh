@@ -33,9 +33,11 @@ fi
 # and the logit-parity tests against transformers. tiktoken, sentencepiece and protobuf: `tessera fetch`'s Llama 3
 # (tiktoken BPE) and Mistral (SentencePiece model, a protobuf) tokenizer conversions and their reference tests.
 # peft: tessera.peft's adapter export is checked by loading it with peft (tests/python/peft).
+# matplotlib, tensorboard, tqdm: tessera.metrics (`tessera plot`'s PNGs, the TensorBoard event file next to
+# metrics.jsonl, and the progress bar of `tessera run`); tests/python/metrics reads the PNGs and events back.
 .venv/bin/pip install -q numpy pyyaml pytest safetensors "scikit-build-core>=0.10" \
   "transformers>=5.20,<6" "tokenizers>=0.22" "gguf==0.19.0" "tiktoken>=0.7" "sentencepiece>=0.2" protobuf \
-  "peft==0.21.2"
+  "peft==0.21.2" "matplotlib>=3.8" "tensorboard>=2.15" "tqdm>=4.60"
 
 echo "setup: building tessera (C++ core + Python extension) against the installed torch"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}

@@ -6,6 +6,7 @@
     tessera fetch NAME [--cache-dir DIR]        download and convert a pretrained model; prints its directory
     tessera fetch --list                        the models fetch knows
     tessera generate MODEL --prompt TEXT [...]   continue a prompt with a model (HF dir or checkpoint)
+    tessera plot OUTPUT_DIR [--out DIR]         PNG plots of a run's metrics.jsonl; prints their paths
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ def main(argv: list[str] | None = None) -> int:
                    "goes to CACHE_DIR/models/NAME")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     _add_generate_parser(sub)
+    p = sub.add_parser("plot", help="PNG plots (loss, throughput, lr) of a run's metrics.jsonl; prints their paths")
+    p.add_argument("output_dir", help="the run's output directory (holds metrics.jsonl)")
+    p.add_argument("--out", help="where the PNGs go (default: OUTPUT_DIR/plots)")
     ns = parser.parse_args(argv)
+    if ns.command == "plot":
+        return _plot(ns)
     if ns.command == "fetch":
         return _fetch(parser, ns)
     if ns.command == "generate":
@@ -70,6 +76,19 @@ def _fetch(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
         print(f"tessera: error: {e}", file=sys.stderr)
         return 2
     print(path)  # the last line of stdout, for dir=$(tessera fetch NAME)
+    return 0
+
+
+def _plot(ns: argparse.Namespace) -> int:
+    from tessera.metrics import plot_run
+
+    try:
+        paths = plot_run(ns.output_dir, out_dir=ns.out)
+    except TesseraError as e:
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
     return 0
 
 
