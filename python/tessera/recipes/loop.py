@@ -245,7 +245,7 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         if summary["answer_before"] is not None:
             say(f"  answer before training: {summary['answer_before']!r}")
     writer = MetricsWriter(cfg.output_dir, tensorboard=cfg.metrics.tensorboard,
-                           resume_step=start) if rank == 0 else None
+                           resume_step=start or None) if rank == 0 else None
     if writer is not None and start == 0 and summary.get("eval_loss_before") is not None:
         writer.log(0, {"eval_loss": summary["eval_loss_before"], "eval_ppl": math.exp(summary["eval_loss_before"])})
     progress = Progress(t.steps, initial_step=start, enabled=rank == 0 and cfg.metrics.progress,
@@ -294,6 +294,10 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         summary["eval_loss_after"] = job.evaluate()
     summary["answer_after"] = job.answer()
     summary["exports"] = job.export() if cfg.checkpoint.export_hf else []
+    if rank == 0:
+        from tessera.metrics import plot_run
+
+        summary["plots"] = [str(p) for p in plot_run(cfg.output_dir)]
     _print_summary(say, summary)
     return summary
 
@@ -311,3 +315,5 @@ def _print_summary(say, s: dict) -> None:
         say(f"  answer after:  {s['answer_after']!r}")
     for p in s.get("exports", []):
         say(f"  exported: {p}")
+    if s.get("plots"):
+        say(f"  plots: {', '.join(s['plots'])}")
