@@ -43,6 +43,11 @@ def test_resume_from_state_dict_continues_exactly(k):
     resumed.load_state_dict(dict(sd))
     assert resumed.epoch == sd["epoch"]
     assert [resumed.next_indices(3) for _ in range(10 - k)] == expected[k:]
+    # Loading into a sampler that has moved on (into another epoch) rewinds it exactly too.
+    for _ in range(4):
+        first.next_indices(3)
+    first.load_state_dict(sd)
+    assert [first.next_indices(3) for _ in range(10 - k)] == expected[k:]
 
 
 def test_sampler_errors():
