@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from tessera.data.chat import render_chat
@@ -84,6 +86,20 @@ def split_documents(text: str, max_chars: int = DOC_CHARS) -> list[str]:
     return docs
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Holds an exclusive flock on `path` (created if absent, never deleted: deleting lock files races with a process
+    that has just opened one), so the ranks of a job calling build_text at once tokenize once and the others reuse
+    the result instead of reading a token file while it is being replaced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _fingerprint(paths: Sequence[str], tokenizer, eval_fraction: float, seed: int) -> dict:
     """What a cached token file must have been built from: each input's resolved path, size and mtime, the
     tokenizer (name, size, a hash of its vocabulary and its eos id), the split and the text rule."""
@@ -95,6 +111,29 @@ def _fingerprint(paths: Sequence[str], tokenizer, eval_fraction: float, seed: in
     return {"files": files, "tokenizer": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer),
             "vocab_sha256": hashlib.sha256(vocab).hexdigest(), "eos_id": tokenizer.eos_token_id,
             "eval_fraction": eval_fraction, "seed": seed, "text_version": TEXT_VERSION, "doc_chars": DOC_CHARS}
+
+
+def _open_or_build(paths, tokenizer, cache_path, meta: dict, eval_fraction: float, seed: int):
+    """(TokenFile, reused): the token file at cache_path when its fingerprint is `meta`, else a new one."""
+    try:
+        tf = TokenFile(cache_path)
+        if tf.meta.get("fingerprint") == meta:
+            return tf, True
+    except TokenFileError:
+        pass  # absent or damaged: rebuilt below
+    docs = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            docs += split_documents(f.read())
+    if not docs:
+        raise InvalidArgumentError(f"build_text: {list(paths)} hold no text")
+    train_idx, eval_idx = split_heldout(len(docs), eval_fraction, seed=seed)
+    eos = tokenizer.eos_token_id
+    tokens = (tokenizer(docs[i], add_special_tokens=False, verbose=False)["input_ids"] + [eos]
+              for i in train_idx + eval_idx)
+    tf = TokenFile.write(cache_path, tokens, vocab_size=len(tokenizer),
+                         meta={"fingerprint": meta, "train_docs": len(train_idx), "eval_docs": len(eval_idx)})
+    return tf, False
 
 
 def build_text(paths: Sequence[str], tokenizer, *, seq_len: int, cache_path: str, eval_fraction: float = 0.05,
@@ -115,24 +154,8 @@ def build_text(paths: Sequence[str], tokenizer, *, seq_len: int, cache_path: str
         raise InvalidArgumentError(f"build_text: tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos "
                                    "token to end documents with")
     meta = _fingerprint(paths, tokenizer, eval_fraction, seed)
-    tf, reused = None, False
-    try:
-        tf = TokenFile(cache_path)
-        reused = tf.meta.get("fingerprint") == meta
-    except TokenFileError:
-        pass
-    if not reused:
-        docs = []
-        for p in paths:
-            with open(p, encoding="utf-8") as f:
-                docs += split_documents(f.read())
-        if not docs:
-            raise InvalidArgumentError(f"build_text: {list(paths)} hold no text")
-        train_idx, eval_idx = split_heldout(len(docs), eval_fraction, seed=seed)
-        order = train_idx + eval_idx
-        tokens = (tokenizer(docs[i], add_special_tokens=False)["input_ids"] + [eos] for i in order)
-        tf = TokenFile.write(cache_path, tokens, vocab_size=len(tokenizer),
-                             meta={"fingerprint": meta, "train_docs": len(train_idx), "eval_docs": len(eval_idx)})
+    with _locked(Path(str(cache_path) + ".lock")):
+        tf, reused = _open_or_build(paths, tokenizer, cache_path, meta, eval_fraction, seed)
     n_train, n_eval = tf.meta["train_docs"], tf.meta["eval_docs"]
     train = TokenFileRows(tf, seq_len, (0, n_train))
     heldout = TokenFileRows(tf, seq_len, (n_train, n_train + n_eval)) if eval_fraction > 0 else None

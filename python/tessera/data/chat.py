@@ -13,6 +13,7 @@ after the end-of-turn token) and the header are not trained.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 from tessera.data.example import IGNORE_INDEX, Example
@@ -104,22 +105,19 @@ def render_chat(tokenizer, messages: list[dict], *, train_on: str = "assistant")
                                    "tokenizer; character offsets (return_offsets_mapping) are needed to find the "
                                    "assistant tokens")
     full = _render(tokenizer, messages, False)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids = list(enc["input_ids"])
     if train_on == "all":
         return Example(ids, list(ids))
     offsets = enc["offset_mapping"]
+    ends = [e for _, e in offsets]  # non-decreasing: tokens cover the text left to right
     labels = [IGNORE_INDEX] * len(ids)
     for c_start, c_end, turn_end in _assistant_spans(tokenizer, messages, full):
-        last = None
-        for t, (s, e) in enumerate(offsets):
-            if s < c_end and e > c_start:
-                labels[t] = ids[t]
-                last = t
-            elif s >= c_end:
-                if last is None and c_start == c_end:  # empty content: the end-of-turn token alone is trained
-                    last = t - 1
-                if last is not None and t == last + 1 and s < turn_end:
-                    labels[t] = ids[t]  # the end-of-turn token
-                break
+        t = bisect.bisect_right(ends, c_start)  # the first token ending after the content starts
+        while t < len(ids) and offsets[t][0] < c_end:
+            labels[t] = ids[t]
+            t += 1
+        # The next token is the end-of-turn token when it still belongs to this turn (not the next one's header).
+        if t < len(ids) and offsets[t][0] < turn_end:
+            labels[t] = ids[t]
     return Example(ids, labels)

@@ -6,6 +6,7 @@ local JSONL file.
 - "chitchat-dataset": chitchat-dataset==0.9.0 (MIT), chitchat_dataset/dataset.json (40 MB, 7,168 conversations):
   each conversation is a list of turns, each turn a list of utterances by one sender; consecutive turns by the same
   sender merge into one message (utterances joined by newlines), the first sender is the user, then they alternate.
+  Chats with a single sender (3,150 of them) are skipped: there is no reply to train on; 4,018 remain.
 - a path to a .jsonl file: one {"messages": [{"role": ..., "content": ...}, ...]} object per line (blank lines
   skipped).
 
@@ -106,6 +107,8 @@ def _chitchat(directory: Path) -> list[list[dict]]:
                     merged[-1][1].append(utt["text"])
                 else:
                     merged.append((utt["sender"], [utt["text"]]))
+        if len(merged) < 2:
+            continue  # 3,150 chats where only one person wrote (abandoned): no answer to train on
         conversations.append([{"role": "user" if j % 2 == 0 else "assistant", "content": "\n".join(texts)}
                               for j, (_, texts) in enumerate(merged)])
     return conversations

@@ -28,9 +28,10 @@ def test_chatterbot_corpus():
 
 def test_chitchat_dataset():
     convs = load_conversations("chitchat-dataset")
-    # 7,168 conversations; 258,145 utterances in 138,737 runs by one sender (counted from dataset.json directly).
-    assert len(convs) == 7168
-    assert sum(len(c) for c in convs) == 138737
+    # 7,168 chats in dataset.json, 3,150 of them with one sender only (skipped); the other 4,018 hold 135,587 runs
+    # of utterances by one sender (counted from dataset.json directly).
+    assert len(convs) == 4018
+    assert sum(len(c) for c in convs) == 135587
     assert convs[0][:3] == [
         {"role": "user", "content": "Hello\nHow are you doing today?"},
         {"role": "assistant", "content": "whats up MD\nim doing good\nhow are you doing?"},
@@ -38,6 +39,7 @@ def test_chitchat_dataset():
                                     "anything. It just makes everything worse and you question all your life choices"},
     ]
     assert all(m["role"] == ("user", "assistant")[j % 2] for c in convs for j, m in enumerate(c))
+    assert min(len(c) for c in convs) >= 2  # every conversation has an assistant message
 
 
 def test_cache_dir_and_manifest(tmp_path):
