@@ -50,7 +50,14 @@ def _template_name(tokenizer) -> str:
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except (jinja2.TemplateError, ValueError, TypeError) as e:
+        # Templates reject what they do not support (raise_exception), e.g. Mistral's roles that do not alternate.
+        raise InvalidArgumentError(f"render_chat: {_template_name(tokenizer)} rejected the first {len(messages)} "
+                                   f"messages (roles {[m['role'] for m in messages]}): {e}") from None
 
 
 def _assistant_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[int, int, int]]:

@@ -110,3 +110,13 @@ def test_llama3_template_eot_id(llama3_tokenizer_dir):
     # Llama 3's template trims contents; these have no surrounding whitespace.
     assert labelled_runs(tok, ex) == [m["content"] + "<|eot_id|>" for m in CONV if m["role"] == "assistant"]
     assert ex.input_ids[0] == tok.convert_tokens_to_ids("<|begin_of_text|>")
+
+
+def test_mistral_v1_template_eos_and_rejection(mistral_v1_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(mistral_v1_tokenizer_dir)
+    conv = [m for m in CONV if m["role"] != "system"]  # Mistral's template knows user and assistant only
+    ex = render_chat(tok, conv)
+    # SentencePiece decoding drops the space the template puts before each answer ("[/INST] answer").
+    assert labelled_runs(tok, ex) == [m["content"] + "</s>" for m in conv if m["role"] == "assistant"]
+    with pytest.raises(InvalidArgumentError, match=r"chat template .* rejected .*roles must alternate"):
+        render_chat(tok, [conv[0], conv[0], conv[1]])
