@@ -5,7 +5,11 @@
 #   cpp     configure + build the C++ tests with CUDA in build-gpu/, run ctest (includes cuda_kernels_test)
 #   python  build and install the Python package (pip, scikit-build-core, against the installed torch), import it
 #   bench   python benchmarks/gpu_bench.py (skipped with a message while it does not exist)
-# Usage: scripts/gpu_check.sh [cpp] [python] [bench]     (no argument: all three, in that order)
+#   recipe  `tessera run` of the SmolLM2 full-SFT recipe on the GPU (bf16, NCCL, world size 1) on a random-init
+#           SmolLM2-135M written there, then benchmarks/sft.py (the same SFT with transformers + FSDP2 fully_shard);
+#           needs .gpu_inputs/ (carried): smollm2-tok/ (config.json + tokenizer files) and cache/data/chatterbot-corpus
+#           (a copy of ~/.cache/tessera/data/chatterbot-corpus), since that machine has no network.
+# Usage: scripts/gpu_check.sh [cpp] [python] [bench] [recipe]     (no argument: cpp python bench, in that order)
 #   CPP_TARGETS="cuda_kernels_test comm_test"  builds only those targets (default: all);
 #   CTEST_REGEX="Cuda|Nccl"                   runs only the matching tests (default: all);
 #   BENCH_ARGS="--skip-checkpoint"            passes arguments to gpu_bench.py.
@@ -60,7 +64,7 @@ run_step() {
     echo "-- last lines of $log:"
     tail -n 40 "$log"
   fi
-  return $rc
+  return "$rc"
 }
 skip_step() {
   SUMMARY+=("$(printf '%-16s skipped        %s' "$1" "$2")")
@@ -113,6 +117,38 @@ f = getattr(C, 'cuda_built', None); print('CUDA kernels built:', f() if callable
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 bench() { PYTHONUNBUFFERED=1 "$PYTHON" benchmarks/gpu_bench.py ${BENCH_ARGS:-}; }
 
+RECIPE_MODEL=/tmp/tessera-smollm2-random
+recipe_model() {
+  # A random-init SmolLM2-135M in HF format (transformers' init, std 0.02) with the real tokenizer.
+  "$PYTHON" - "$ROOT/.gpu_inputs/smollm2-tok" "$RECIPE_MODEL" <<'PY'
+import shutil, sys, torch, transformers
+src, dst = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+cfg = transformers.AutoConfig.from_pretrained(src)
+transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(dst)
+for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+    try:
+        shutil.copy(f"{src}/{f}", dst)
+    except FileNotFoundError:
+        pass
+print("wrote", dst)
+PY
+}
+recipe_run() {
+  PYTHONUNBUFFERED=1 TESSERA_CACHE_DIR="$ROOT/.gpu_inputs/cache" "$PYTHON" -m tessera run \
+    recipes/smollm2_135m_full_sft.yaml model.fetch= model.hf_dir="$RECIPE_MODEL" parallelism.device=cuda \
+    parallelism.world_size=1 data.seq_len=1024 training.batch_size=8 training.grad_accum=1 training.steps=40 \
+    training.lr=3e-4 training.eval_every=20 checkpoint.every=20 metrics.max_new_tokens=16 \
+    output_dir=/tmp/tessera-recipe-run
+  local rc=$?
+  cp /tmp/tessera-recipe-run/metrics.jsonl "$LOG_DIR/recipe_metrics.jsonl" 2>/dev/null
+  return "$rc"
+}
+recipe_bench() {
+  PYTHONUNBUFFERED=1 TESSERA_CACHE_DIR="$ROOT/.gpu_inputs/cache" "$PYTHON" benchmarks/sft.py --device cuda \
+    --world 1 --model-dir "$RECIPE_MODEL" --batch 8 --seq 1024 --steps 10 --warmup 3 --out "$LOG_DIR/sft_gpu.md"
+}
+
 # ---- run -----------------------------------------------------------------------------------------------------------
 run_step environment environment
 for step in "${STEPS[@]}"; do
@@ -140,8 +176,16 @@ for step in "${STEPS[@]}"; do
         skip_step bench "benchmarks/gpu_bench.py does not exist yet"
       fi
       ;;
+    recipe)
+      if [[ ! -d .gpu_inputs/smollm2-tok ]]; then
+        skip_step recipe ".gpu_inputs/smollm2-tok is missing (carry .gpu_inputs)"
+      elif run_step recipe-model recipe_model; then
+        run_step recipe-run recipe_run
+        run_step recipe-bench recipe_bench
+      fi
+      ;;
     *)
-      echo "unknown step '$step' (expected cpp, python or bench)" >&2
+      echo "unknown step '$step' (expected cpp, python, bench or recipe)" >&2
       exit 2
       ;;
   esac

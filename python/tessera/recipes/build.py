@@ -74,6 +74,18 @@ def random_init_config(cfg: JobConfig):
         raise InvalidArgumentError(f"model.overrides give an invalid model: {e}") from None
 
 
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Random initialisation as transformers' Llama does (initializer_range 0.02): every matrix (linears and the
+    embedding) from N(0, std^2), norm weights 1. PyTorch's defaults (N(0, 1) embeddings, tied to the head) start a
+    model at a loss of ~60 nats instead of ln(vocab)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+            else:
+                p.fill_(1.0)
+
+
 def _checkpoint_blocks(model: nn.Module) -> None:
     """Activation checkpointing inside each block's forward: the block keeps only its input; its activations are
     recomputed in backward (while tessera holds the block's gathered parameters for its backward)."""
@@ -111,6 +123,7 @@ def build_model(cfg: JobConfig, weights_dir: Path | None, *, device: torch.devic
     config = random_init_config(cfg)
     torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
     model = tessera.models.build(config, device=device)
+    init_weights(model)
     adapt(model)
     from tessera.models.registry import family_of
 
