@@ -45,7 +45,7 @@ def _job_config(args, model_dir: str):
 
     overrides = [f"model.hf_dir={model_dir}", "data.source=chatterbot-corpus", f"data.seq_len={args.seq}",
                  f"training.batch_size={args.batch}", f"training.steps={args.steps + args.warmup}",
-                 "training.lr=1e-5", "training.warmup_steps=0", "checkpoint.every=0", "checkpoint.export_hf=false",
+                 "training.lr=1e-5", "training.warmup_steps=0", "training.min_lr_ratio=1.0", "checkpoint.every=0", "checkpoint.export_hf=false",
                  "metrics.progress=false", "metrics.tensorboard=false", "data.eval_fraction=0.05",
                  "output_dir=" + args.scratch]
     if args.lora:
