@@ -12,7 +12,8 @@
 # Usage: scripts/gpu_check.sh [cpp] [python] [bench] [recipe]     (no argument: cpp python bench, in that order)
 #   CPP_TARGETS="cuda_kernels_test comm_test"  builds only those targets (default: all);
 #   CTEST_REGEX="Cuda|Nccl"                   runs only the matching tests (default: all);
-#   BENCH_ARGS="--skip-checkpoint"            passes arguments to gpu_bench.py.
+#   BENCH_ARGS="--skip-checkpoint"            passes arguments to gpu_bench.py;
+#   RECIPE_BENCH=0                            runs the recipe without benchmarks/sft.py.
 # Abseil, xxHash and GoogleTest come from .deps/ (made here by scripts/fetch_gpu_deps.sh, carried along).
 # Logs go to $OUT when set (the folder that comes back from the machine), else gpu-check-logs/. Exit status 1 if a
 # step failed.
@@ -181,7 +182,7 @@ for step in "${STEPS[@]}"; do
         skip_step recipe ".gpu_inputs/smollm2-tok is missing (carry .gpu_inputs)"
       elif run_step recipe-model recipe_model; then
         run_step recipe-run recipe_run
-        run_step recipe-bench recipe_bench
+        if [[ "${RECIPE_BENCH:-1}" == 1 ]]; then run_step recipe-bench recipe_bench; fi
       fi
       ;;
     *)

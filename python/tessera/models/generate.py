@@ -129,7 +129,8 @@ def generate_tokens(model: nn.Module, input_ids: torch.Tensor, *, max_new_tokens
     n_decoded = 0
     if max_new_tokens:
         # The last new token is never fed back, so the cache needs total - 1 positions.
-        cache = KVCache(cfg, batch, total - 1, dtype=param.dtype, device=param.device)
+        # In the dtype the model computes keys in (bf16 under mixed precision), not the parameters' (fp32 shards).
+        cache = KVCache(cfg, batch, total - 1)
         logits = model(input_ids, cache)[:, -1]
         _sync(param.device)
         t_prefill = time.perf_counter()

@@ -279,3 +279,22 @@ def test_cli_checkpoint_needs_a_tokenizer_dir(sharded_checkpoints, hf_models, ca
     from_ckpt = capsys.readouterr().out
     assert cli.main(["generate", str(d), *common]) == 0
     assert capsys.readouterr().out == from_ckpt and from_ckpt.endswith("\n")
+
+
+def _generate_mixed_precision(rank, world, hf_dir, out_file):
+    mp = tessera.MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = tm.load_hf(hf_dir, dtype=torch.float32, shard=True, mixed_precision=mp)  # fp32 shards, bf16 compute
+    got = generate_tokens(model, _prompt(), max_new_tokens=12)
+    if rank == 0:
+        torch.save(got, out_file)
+
+
+def test_sharded_model_with_bf16_compute_generates(hf_models, tmp_path):
+    """Seen first on an H200 at the end of a `tessera run` (bf16 mixed precision): the KV cache was allocated in
+    the parameters' dtype (fp32 shards) while keys were computed in bf16, and SDPA refused the mix. The reference:
+    the plain model cast to bf16 (the same bf16 weights and math, unsharded)."""
+    hf_dir, _ = hf_models["llama_gqa_untied_rope_scaling"]
+    out = tmp_path / "tokens.pt"
+    run_ranks(2, _generate_mixed_precision, hf_dir, str(out))
+    ref = tm.load_hf(hf_dir, dtype=torch.bfloat16)
+    assert torch.equal(torch.load(out), generate_tokens(ref, _prompt(), max_new_tokens=12))

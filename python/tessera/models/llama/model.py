@@ -64,16 +64,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class KVCache:
     """Keys and values of past positions for incremental decoding: per layer, [batch, n_kv_heads, max_len,
-    head_dim] in the given dtype. `pos` (tokens) is how many positions are filled; the model advances it."""
+    head_dim]. `pos` (tokens) is how many positions are filled; the model advances it.
 
-    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, *, dtype: torch.dtype, device=None):
+    dtype=None (the default) allocates each layer's buffers at its first write, in the dtype and on the device of
+    the keys the layer computes: under mixed precision (a sharded model with bf16 compute over fp32 parameters)
+    that is the compute dtype, which the parameters' dtype is not."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, *, dtype: torch.dtype | None = None,
+                 device=None):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KVCache: max_len {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.hd)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.shape = (batch, cfg.n_kv_heads, max_len, cfg.hd)
+        alloc = (lambda: torch.zeros(self.shape, dtype=dtype, device=device)) if dtype is not None else (lambda: None)
+        self.k = [alloc() for _ in range(cfg.n_layers)]
+        self.v = [alloc() for _ in range(cfg.n_layers)]
         self.max_len = max_len
         self.pos = 0
+
+    def buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s (keys, values) buffers, allocated like `like` on first use."""
+        if self.k[layer] is None:
+            self.k[layer] = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
+            self.v[layer] = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
+        return self.k[layer], self.v[layer]
 
 
 def attention_mask(q_len: int, start: int, window: int | None, device) -> torch.Tensor | None:
@@ -109,9 +122,10 @@ class Attention(nn.Module):
         start = 0
         if cache is not None:
             start = cache.pos
-            cache.k[layer][:, :, start:start + s] = k
-            cache.v[layer][:, :, start:start + s] = v
-            k, v = cache.k[layer][:, :, :start + s], cache.v[layer][:, :, :start + s]
+            ck, cv = cache.buffers(layer, k)
+            ck[:, :, start:start + s] = k
+            cv[:, :, start:start + s] = v
+            k, v = ck[:, :, :start + s], cv[:, :, :start + s]
         if mask is None:  # else a packed-sequence mask (window included) from the model
             mask = attention_mask(s, start, self.window, x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
