@@ -127,3 +127,8 @@ def launched_by_torchrun() -> bool:
 def torchrun_local_rank() -> int:
     """This process's LOCAL_RANK under torchrun (its GPU index on the node); 0 when unset."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def torchrun_local_world_size() -> int:
+    """LOCAL_WORLD_SIZE under torchrun (ranks on this node); 1 when unset."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -49,12 +49,14 @@ def _rank_main(rank: int, world: int, device_type: str, init_file: str | None, c
         backend, kw = "nccl", {"device_id": device}
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         backend, kw = "gloo", {}
     if init_file:
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world, **kw)
-    else:
+    else:  # torchrun: rank and world size from its environment
         dist.init_process_group(backend, **kw)
+    if device_type == "cpu":  # the machine's cores shared by the ranks on it (all of them, without torchrun)
+        local = knobs.torchrun_local_world_size() if not init_file else world
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     try:
         return train(cfg, device=device, mixed_precision=mixed_precision(cfg, device_type))
     finally:
@@ -82,7 +84,7 @@ def run(cfg: JobConfig) -> int:
     data_sources.check_source(cfg)
     build.model_dir(cfg)  # fetches once here, before the ranks start
     if knobs.launched_by_torchrun():
-        _rank_main(0, 0, device_type, None, cfg)
+        _rank_main(0, 0, device_type, None, cfg)  # rank and world come from torchrun
         return 0
     world = cfg.parallelism.world_size or (torch.cuda.device_count() if device_type == "cuda" else 2)
     if device_type == "cuda" and world > torch.cuda.device_count():

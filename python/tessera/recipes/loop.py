@@ -12,7 +12,6 @@ ranks, so the world factor makes the average a sum.
 
 from __future__ import annotations
 
-import base64
 import math
 import os
 import time
@@ -28,34 +27,20 @@ from tessera.recipes.config import JobConfig, dump
 from tessera.recipes.schedule import lr_at
 
 
-class RankState:
-    """Per-rank state in a checkpoint (per-rank JSON extras): the data sampler's position and the RNG states, so a
-    resumed job draws the same batches and the same dropout masks as an uninterrupted one."""
+class PerRank:
+    """Puts `obj.state_dict()` in a checkpoint per rank (rank r restores what rank r saved): the data sampler's
+    position, so a resumed job draws exactly the batches an uninterrupted one would have."""
 
     per_rank = True
 
-    def __init__(self, sampler, device: torch.device):
-        self.sampler, self.device = sampler, device
+    def __init__(self, obj):
+        self.obj = obj
 
     def state_dict(self) -> dict:
-        sd = {"sampler": self.sampler.state_dict(), "cpu_rng": _b64(torch.get_rng_state())}
-        if self.device.type == "cuda":
-            sd["cuda_rng"] = _b64(torch.cuda.get_rng_state(self.device))
-        return sd
+        return self.obj.state_dict()
 
     def load_state_dict(self, sd: dict) -> None:
-        self.sampler.load_state_dict(sd["sampler"])
-        torch.set_rng_state(_unb64(sd["cpu_rng"]))
-        if self.device.type == "cuda" and "cuda_rng" in sd:
-            torch.cuda.set_rng_state(_unb64(sd["cuda_rng"]), self.device)
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.numpy().tobytes()).decode()
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+        self.obj.load_state_dict(sd)
 
 
 @dataclass
@@ -88,7 +73,7 @@ class Job:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = tessera.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.train_state = {"step": 0, "tokens": 0}
-        self.rank_state = RankState(self.sampler, device)
+        self.per_rank = {"sampler": PerRank(self.sampler), "rng": tessera.checkpoint.RNGState()}
 
     # ---- one optimizer step --------------------------------------------------------------------------------
 
@@ -176,7 +161,9 @@ class Job:
     # ---- checkpoints and export ----------------------------------------------------------------------------
 
     def checkpoint_state(self) -> dict:
-        return {"model": self.model, "optim": self.opt, "train": self.train_state, "rank": self.rank_state}
+        """Everything exact resume needs: weights, AdamW state, step and token counters (the LR is a function of the
+        step), each rank's sampler position and RNG states (dropout)."""
+        return {"model": self.model, "optim": self.opt, "train": self.train_state, **self.per_rank}
 
     def export(self) -> list[str]:
         """<output_dir>/hf (merged weights for LoRA, float32, with the tokenizer) and, for LoRA, <output_dir>/adapter

@@ -64,7 +64,15 @@ def test_recipe_runs_with_tiny_dimensions(name, tmp_path):
     out_dir = tmp_path / "out"
     assert (out_dir / "metrics.jsonl").is_file() and (out_dir / "plots" / "loss.png").is_file()
     if cfg.checkpoint.export_hf:
-        assert (out_dir / "hf" / "config.json").is_file()
+        # transformers loads the export with no missing or unexpected weights; peft reads the adapter's config.
+        import transformers
+
+        _, info = transformers.AutoModelForCausalLM.from_pretrained(out_dir / "hf", output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
         assert (out_dir / "adapter").is_dir() == (cfg.model.lora.rank > 0)
+        if cfg.model.lora.rank:
+            import peft
+
+            assert peft.PeftConfig.from_pretrained(out_dir / "adapter").r == cfg.model.lora.rank
     if tokenizer is not None:
         assert isinstance(s["answer_before"], str) and isinstance(s["answer_after"], str)
