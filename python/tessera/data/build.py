@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 from tessera.data.chat import render_chat
@@ -18,6 +16,7 @@ from tessera.data.sampler import split_heldout
 from tessera.data.token_file import TokenFile, TokenFileError
 from tessera.data.token_rows import TokenFileRows
 from tessera.errors import InvalidArgumentError
+from tessera.models.fetch.cache import locked
 
 # Paragraphs are joined into documents of up to this many characters (about 1,000 tokens at 4 chars/token): long
 # enough for context, short enough that a seq_len row holds whole documents.
@@ -86,20 +85,6 @@ def split_documents(text: str, max_chars: int = DOC_CHARS) -> list[str]:
     return docs
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Holds an exclusive flock on `path` (created if absent, never deleted: deleting lock files races with a process
-    that has just opened one), so the ranks of a job calling build_text at once tokenize once and the others reuse
-    the result instead of reading a token file while it is being replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _fingerprint(paths: Sequence[str], tokenizer, eval_fraction: float, seed: int) -> dict:
     """What a cached token file must have been built from: each input's resolved path, size and mtime, the
     tokenizer (name, size, a hash of its vocabulary and its eos id), the split and the text rule."""
@@ -154,7 +139,8 @@ def build_text(paths: Sequence[str], tokenizer, *, seq_len: int, cache_path: str
         raise InvalidArgumentError(f"build_text: tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos "
                                    "token to end documents with")
     meta = _fingerprint(paths, tokenizer, eval_fraction, seed)
-    with _locked(Path(str(cache_path) + ".lock")):
+    # One rank tokenizes; the others wait and reuse its token file instead of reading one being replaced.
+    with locked(Path(str(cache_path) + ".lock")):
         tf, reused = _open_or_build(paths, tokenizer, cache_path, meta, eval_fraction, seed)
     n_train, n_eval = tf.meta["train_docs"], tf.meta["eval_docs"]
     train = TokenFileRows(tf, seq_len, (0, n_train))

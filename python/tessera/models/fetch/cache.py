@@ -106,7 +106,9 @@ def verify(directory: Path, meta: Mapping[str, Any], pinned: Mapping[str, str] |
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
+    """Holds an exclusive flock on `lock_path` (created if absent, never deleted: deleting lock files races with a
+    process that has just opened one), so concurrent processes (a job's ranks) build a cached file once."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -141,7 +143,7 @@ def ensure(target: Path, meta: Mapping[str, Any], build: Callable[[Path], None],
     """Returns `target` once it is a verified cache directory for `meta`, building it first with build(tmp_dir)
     when it is absent or damaged (see [Note: the fetch cache]). `what` names it in the log. Errors from build
     propagate; the temporary directory is removed and target is left as it was."""
-    with _locked(target.parent / f".{target.name}.lock"):
+    with locked(target.parent / f".{target.name}.lock"):
         _remove_leftovers(target)
         if target.exists():
             start = time.monotonic()
