@@ -2,6 +2,8 @@
 
     tessera run RECIPE.yaml [key=value ...]     train: fine-tune or pretrain as the recipe says (recipes/*.yaml);
                                                 overrides are dotted keys, e.g. training.steps=20 output_dir=runs/x
+    tessera run --nproc N --max-restarts K ...  the same under torch's elastic launcher: a failed group restarts
+                                                and resumes from its last good checkpoint (tessera.exitcodes)
     tessera config [RECIPE.yaml] [key=value ...] print the resolved config (YAML)
     tessera fetch NAME [--cache-dir DIR]        download and convert a pretrained model; prints its directory
     tessera fetch --list                        the models fetch knows
@@ -24,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
                             ("config", "print the resolved config of a recipe")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("args", nargs="*", help="[RECIPE.yaml] followed by key=value overrides")
+        if name == "run":
+            p.add_argument("--nproc", type=int, help="ranks to start under torch's elastic launcher (default: "
+                           "parallelism.world_size)")
+            p.add_argument("--max-restarts", type=int, help="restart the group up to this many times after a rank "
+                           "dies or fails; each restart resumes from the newest valid checkpoint")
     p = sub.add_parser("fetch", help="download and convert a pretrained model; prints its directory (last line)")
     p.add_argument("name", nargs="?", help="model name (see --list)")
     p.add_argument("--list", action="store_true", help="list the models fetch knows")
@@ -52,12 +59,19 @@ def main(argv: list[str] | None = None) -> int:
 
             print(dump(cfg), end="")
             return 0
-        from tessera.recipes.launch import run
+        from tessera.recipes import launch
 
-        return run(cfg)
+        if ns.nproc is not None or ns.max_restarts is not None:
+            if (ns.nproc is not None and ns.nproc <= 0) or (ns.max_restarts or 0) < 0:
+                raise InvalidArgumentError(f"--nproc must be > 0 and --max-restarts >= 0, got {ns.nproc} and "
+                                           f"{ns.max_restarts}")
+            return launch.run_elastic(cfg, ns.args, nproc=ns.nproc, max_restarts=ns.max_restarts or 0)
+        return launch.run(cfg)
     except TesseraError as e:
+        from tessera import exitcodes
+
         print(f"tessera: error: {e}", file=sys.stderr)
-        return 2
+        return exitcodes.for_exception(e)
     return 0
 
 

@@ -132,3 +132,28 @@ def torchrun_local_rank() -> int:
 def torchrun_local_world_size() -> int:
     """LOCAL_WORLD_SIZE under torchrun (ranks on this node); 1 when unset."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def torchrun_rank() -> int:
+    """This process's RANK under torchrun; 0 when unset."""
+    return int(os.environ.get("RANK", "0"))
+
+
+@dataclass(frozen=True)
+class ElasticWorker:
+    """What torch's elastic agent tells a worker (torchrun): where the agent's c10d store is, this worker's rank
+    and world size, and which restart of the group this is (TORCHELASTIC_RESTART_COUNT)."""
+
+    master_addr: str
+    master_port: int
+    rank: int
+    world_size: int
+    restart_count: int
+
+
+def elastic_worker() -> ElasticWorker | None:
+    """The elastic agent's settings when this process is a worker that uses the agent's store, else None."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return ElasticWorker(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["RANK"]),
+                         int(os.environ["WORLD_SIZE"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))

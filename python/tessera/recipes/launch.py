@@ -1,5 +1,8 @@
-"""Starting a job's ranks: under torchrun, this process is one rank; otherwise `tessera run` starts
-parallelism.world_size processes itself (CPU: gloo, one process per rank; CUDA: NCCL, one process per GPU).
+"""Starting a job's ranks: under torchrun, this process is one rank; with `--max-restarts K` (or `--nproc N`),
+`tessera run` starts its ranks through torch's elastic launcher (torch.distributed.run), which restarts the whole
+group up to K times when a rank dies or fails, each restart resuming from the newest valid checkpoint; otherwise it
+starts parallelism.world_size processes itself (CPU: gloo, one process per rank; CUDA: NCCL, one per GPU).
+Exit statuses: tessera.exitcodes.
 
 Device "auto" picks CUDA when a GPU is visible (NCCL, bf16 compute with fp32 master weights and fp32 gradient
 reduction) and the CPU otherwise (gloo, fp32)."""
@@ -16,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tessera
-from tessera import knobs
+from tessera import exitcodes, knobs
 from tessera.errors import InvalidArgumentError, TesseraError
 from tessera.process import end_spawned_rank
 from tessera.recipes.config import JobConfig
@@ -52,7 +55,14 @@ def _rank_main(rank: int, world: int, device_type: str, init_file: str | None, c
         backend, kw = "gloo", {}
     if init_file:
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world, **kw)
-    else:  # torchrun: rank and world size from its environment
+    elif (w := knobs.elastic_worker()) is not None:
+        # [Note: one store prefix per restart] The agent's store outlives a failed group: seen here, a restarted
+        # group's gloo ranks read the previous attempt's listening addresses from it and failed with "Connection
+        # refused" until the restarts ran out. Keys under a prefix of the restart count cannot be stale.
+        store = dist.PrefixStore(f"tessera/attempt_{w.restart_count}",
+                                 dist.TCPStore(w.master_addr, w.master_port, w.world_size, is_master=False))
+        dist.init_process_group(backend, store=store, rank=w.rank, world_size=w.world_size, **kw)
+    else:  # torchrun without the agent's store: rank and world size from its environment
         dist.init_process_group(backend, **kw)
     if device_type == "cpu":  # the machine's cores shared by the ranks on it (all of them, without torchrun)
         local = knobs.torchrun_local_world_size() if not init_file else world
@@ -63,15 +73,23 @@ def _rank_main(rank: int, world: int, device_type: str, init_file: str | None, c
         dist.destroy_process_group()
 
 
+def report(rank: int | str, e: BaseException) -> int:
+    """Prints why rank `rank` failed (a one-line message for tessera's own errors, else the traceback) and returns
+    its exit status (tessera.exitcodes)."""
+    status = exitcodes.for_exception(e)
+    if isinstance(e, TesseraError):
+        print(f"tessera: error (rank {rank}, exit status {status}): {e}", file=sys.stderr, flush=True)
+    else:
+        traceback.print_exception(e)
+        print(f"tessera: rank {rank} failed (exit status {status})", file=sys.stderr, flush=True)
+    return status
+
+
 def _spawned(rank: int, world: int, device_type: str, init_file: str, cfg: JobConfig) -> None:
     try:
         _rank_main(rank, world, device_type, init_file, cfg)
-    except TesseraError as e:
-        print(f"tessera: error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        end_spawned_rank(2)
-    except BaseException:  # noqa: BLE001 - report and end this rank; the others fail their next collective
-        traceback.print_exc()
-        end_spawned_rank(1)
+    except BaseException as e:  # noqa: BLE001 - report and end this rank; the others fail their next collective
+        end_spawned_rank(report(rank, e))
     end_spawned_rank()  # see [Note: ending spawned rank processes] in tessera/process.py
 
 
@@ -84,8 +102,11 @@ def run(cfg: JobConfig) -> int:
     data_sources.check_source(cfg)
     build.model_dir(cfg)  # fetches once here, before the ranks start
     if knobs.launched_by_torchrun():
-        _rank_main(0, 0, device_type, None, cfg)  # rank and world come from torchrun
-        return 0
+        try:
+            _rank_main(0, 0, device_type, None, cfg)  # rank and world come from torchrun
+        except BaseException as e:  # noqa: BLE001
+            return report(knobs.torchrun_rank(), e)
+        return exitcodes.OK
     world = cfg.parallelism.world_size or (torch.cuda.device_count() if device_type == "cuda" else 2)
     if device_type == "cuda" and world > torch.cuda.device_count():
         raise InvalidArgumentError(f"parallelism.world_size={world} but only {torch.cuda.device_count()} GPU(s) "
@@ -94,6 +115,37 @@ def run(cfg: JobConfig) -> int:
         try:
             mp.spawn(_spawned, args=(world, device_type, os.path.join(d, "init"), cfg), nprocs=world, join=True)
         except mp.ProcessExitedException as e:
-            print(f"tessera: rank {e.error_index} exited with status {e.exit_code}", file=sys.stderr)
-            return e.exit_code if e.exit_code and e.exit_code > 0 else 1
-    return 0
+            status = e.exit_code if e.exit_code and e.exit_code > 0 else 128 + (e.signal_num or 0) or 1
+            print(f"tessera: rank {e.error_index} exited with status {status}", file=sys.stderr)
+            return status
+    return exitcodes.OK
+
+
+def run_elastic(cfg: JobConfig, argv: list[str], *, nproc: int | None, max_restarts: int) -> int:
+    """Runs `tessera run ARGV` as `nproc` ranks (default: parallelism.world_size, else 2 CPU ranks or every GPU)
+    under torch's elastic agent on this node (rendezvous over a local c10d store), restarting the group up to
+    `max_restarts` times after a failure; the ranks resume from the newest valid checkpoint. Returns the exit
+    status: 0, or the failed rank's (restarts exhausted)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as elastic_run
+
+    from tessera.recipes import build, data_sources
+
+    device_type = resolve_device(cfg)
+    data_sources.check_source(cfg)  # bad input fails here, once, instead of in every restart
+    build.model_dir(cfg)
+    if cfg.checkpoint.every == 0:
+        print("tessera: warning: checkpoint.every=0, so a restarted group starts from step 0", file=sys.stderr)
+    n = nproc or cfg.parallelism.world_size or (torch.cuda.device_count() if device_type == "cuda" else 2)
+    args = parse_args(["--standalone", "--nproc-per-node", str(n), "--max-restarts", str(max_restarts),
+                       "--monitor-interval", "0.5", "-m", "tessera", "run", *argv])
+    try:
+        elastic_run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        status = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -9: killed by SIGKILL
+        print(f"tessera: rank {rank} failed with exit status {status} after {max_restarts} restart(s)"
+              f"{'' if exitcodes.restartable(status) else ' (a restart cannot help)'}", file=sys.stderr)
+        return status
+    return exitcodes.OK

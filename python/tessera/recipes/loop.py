@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import tessera
+from tessera import exitcodes
 from tessera.recipes import build, data_sources
 from tessera.recipes.config import JobConfig, dump
 from tessera.recipes.schedule import lr_at
@@ -215,7 +216,11 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
     ckpt = None
     if cfg.checkpoint.every > 0 or os.path.isdir(cfg.checkpoint_dir):
         ckpt = tessera.checkpoint.Checkpointer(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
-    resumed = ckpt.load_latest(job.checkpoint_state()) if ckpt is not None else None
+    try:
+        resumed = ckpt.load_latest(job.checkpoint_state()) if ckpt is not None else None
+    except tessera.CheckpointError as e:  # checkpoints exist and none loads: starting again cannot help
+        e.exit_status = exitcodes.NO_CHECKPOINT
+        raise
     start = job.train_state["step"]
     summary: dict = {"resumed_from": resumed}
     if rank == 0:
