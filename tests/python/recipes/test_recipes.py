@@ -76,3 +76,24 @@ def test_recipe_runs_with_tiny_dimensions(name, tmp_path):
             assert peft.PeftConfig.from_pretrained(out_dir / "adapter").r == cfg.model.lora.rank
     if tokenizer is not None:
         assert isinstance(s["answer_before"], str) and isinstance(s["answer_after"], str)
+
+
+def test_plain_text_source_trains_from_a_token_file(tmp_path):
+    """Continued pretraining: data.source=text:FILE is tokenized once into a memory-mapped token file under
+    <output_dir>/data/, read by offset; a second run reuses it."""
+    from tessera.recipes.config import load_config
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}. " + "The quick brown fox jumps over the lazy dog. " * (3 + i % 4)
+                                for i in range(40)))
+    cfg = load_config(str(REPO / "recipes" / "tiny_llama_demo.yaml"), [
+        f"data.source=text:{text}", "model.config=smollm2-135m", f"model.overrides={TINY}",
+        "data.tokenizer=smollm2-135m-instruct", "data.seq_len=64", "training.steps=2", "training.batch_size=2",
+        "training.eval_every=0", "metrics.progress=false", "metrics.tensorboard=false", "metrics.prompt=",
+        f"output_dir={tmp_path / 'out'}"])
+    out = tmp_path / "summary.pt"
+    run_ranks(2, _train, cfg, str(out))
+    s = torch.load(out)
+    assert s["steps_run"] == 2 and s["eval_loss_after"] is not None
+    token_files = list((tmp_path / "out" / "data").glob("tokens*"))
+    assert token_files, list((tmp_path / "out").rglob("*"))
