@@ -132,3 +132,15 @@ def torchrun_local_rank() -> int:
 def torchrun_local_world_size() -> int:
     """LOCAL_WORLD_SIZE under torchrun (ranks on this node); 1 when unset."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def doctor_slow_rank() -> int | None:
+    """Fault injection for tests only (TESSERA_DOCTOR_SLOW_RANK=R): `tessera doctor` makes rank R's GEMM check
+    sleep 3x its compute time, so that rank's TFLOP/s drops to a quarter and it is flagged. None (unset): off."""
+    raw = os.environ.get("TESSERA_DOCTOR_SLOW_RANK", "")
+    if raw == "":
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"environment variable TESSERA_DOCTOR_SLOW_RANK={raw!r} is not a rank (a non-negative "
+                         "integer)")
+    return int(raw)
