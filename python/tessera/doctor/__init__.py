@@ -16,11 +16,13 @@ Each rank runs (checks.py, nvml.py):
   h2d, d2h           pinned host <-> device copy GB/s (GPU only; "n/a" on CPU)
   all_gather, reduce_scatter, all_reduce at 1, 8, 64 MiB (--quick: 256 KiB, 1 MiB)
                      bus bandwidth in GB/s with nccl-tests' formulas (bandwidth.py)
-  checkpoint_write   write + fsync GB/s of a 64 MiB file (--quick: 8 MiB) in the checkpoint directory; fails
+  checkpoint_write   write + fsync GB/s of a 64 MiB file (--quick: 8 MiB) in the checkpoint directory (best of 3); fails
                      naming the directory if it cannot be written
   nvml               ECC errors, throttle reasons, temperature via pynvml (GPU only; "not available" without it)
 
-A rank whose figure is more than --margin below the median of the ranks for a check is flagged (SLOW). The table on
+A rank whose figure is more than --margin below the median of the ranks is flagged (SLOW); this applies to the rank's
+own figures (gemm, h2d, d2h, checkpoint_write), not to the collectives' (every rank waits for the slowest, so their
+speed is the group's) or memory's (a correctness check); those show their median only. The table on
 stdout has one row per rank x check (figure, unit, median, result); --json writes every figure with its unit, the
 flags, the problems and the host and device names. Exit status: 0 all passed, 1 a check failed or a rank is flagged,
 2 bad arguments.

@@ -26,7 +26,9 @@ class Result:
     status: str
     figure: float | None = None
     unit: str | None = None
-    compare: bool = False  # whether the figure is compared with the other ranks' (straggler detection)
+    # Whether the figure is compared with the other ranks' (straggler detection): for what is the rank's own (GEMM,
+    # host<->device copies, disk writes), not for the group's (collectives) or a correctness check's (memory).
+    compare: bool = False
     error: str | None = None
     details: dict = field(default_factory=dict)
 
@@ -48,38 +50,81 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Turns:
+    """Who runs a timed round when. On CPU the ranks of a host share its cores and disk: each round runs on one
+    rank at a time and the rounds of all ranks interleave (rank 0's first, rank 1's first, ..., rank 0's second),
+    so load from outside the job falls on every rank alike instead of on whichever rank's turn it hit. On GPUs
+    (each rank's own) and for one rank, a round runs at once (Turns.alone()).
+
+    run() never raises, so that every rank takes part in every barrier whatever fails: a failed round returns inf
+    and check() raises the first error after the last round."""
+
+    def __init__(self, rank: int, world: int, barrier=None):
+        self.rank, self.world, self.barrier = rank, world, barrier
+        self.error: BaseException | None = None
+
+    @classmethod
+    def alone(cls) -> "Turns":
+        return cls(0, 1)
+
+    def run(self, fn) -> float:
+        result = float("inf")
+        for turn in range(self.world if self.barrier else 1):
+            if self.barrier is None or turn == self.rank:
+                if self.error is None:
+                    try:
+                        result = fn()
+                    except Exception as e:  # noqa: BLE001 - kept for check(), after this rank's last barrier
+                        self.error = e
+            if self.barrier is not None:
+                self.barrier()
+        return result
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 # ---- 1. GEMM ----------------------------------------------------------------------------------------------------
 
-def gemm(device: torch.device, quick: bool, slow: bool = False) -> Result:
+def gemm(device: torch.device, quick: bool, slow: bool = False, turns: Turns | None = None) -> Result:
     """TFLOP/s of C = A @ B with square n x n matrices: 2 n^3 FLOPs per product (n^3 multiply-adds). fp32 on CPU,
-    bf16 on GPU. Timed after two warm-up products, in 3 rounds; the figure is the best round (the least disturbed
-    by other processes). `slow` (fault injection, TESSERA_DOCTOR_SLOW_RANK) sleeps 3x each round's compute time
-    inside the timed region, so the figure drops to a quarter."""
+    bf16 on GPU. Timed after two warm-up products, in several rounds (7 with --quick, else 5) taken in `turns`; the
+    figure is the best round, the one least disturbed by other processes (a slow rank is slow in every round).
+    `slow` (fault injection, TESSERA_DOCTOR_SLOW_RANK) sleeps 3x each round's compute time inside the timed
+    region, so the figure drops to a quarter."""
+    turns = turns or Turns.alone()
     cuda = device.type == "cuda"
-    n = (4096 if quick else 8192) if cuda else (384 if quick else 1024)
+    n = (4096 if quick else 8192) if cuda else (512 if quick else 1024)
     iters = 10 if cuda else (4 if quick else 8)
+    rounds = 7 if quick else 5
     dtype = torch.bfloat16 if cuda else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        c = a @ b
-    _sync(device)
-    best = float("inf")
-    for _ in range(3):
+    state: dict = {}
+
+    def one_round() -> float:
+        if not state:  # set up and warm up in this rank's first turn
+            state["a"] = torch.randn(n, n, device=device, dtype=dtype)
+            state["b"] = torch.randn(n, n, device=device, dtype=dtype)
+            for _ in range(2):
+                state["c"] = state["a"] @ state["b"]
+            _sync(device)
         t0 = time.perf_counter()
         for _ in range(iters):
-            c = a @ b
+            state["c"] = state["a"] @ state["b"]
         _sync(device)
         elapsed = time.perf_counter() - t0
         if slow:
             time.sleep(3 * elapsed)
             elapsed = time.perf_counter() - t0
-        best = min(best, elapsed)
-    if not torch.isfinite(c).all():
+        return elapsed
+
+    best = min(turns.run(one_round) for _ in range(rounds))  # inf where a round failed: turns.check() raises
+    turns.check()
+    if not torch.isfinite(state["c"]).all():
         raise RuntimeError(f"the {n}x{n} product has non-finite values")
     return Result("gemm", "pass", 2 * n**3 * iters / best / 1e12, "TFLOP/s", compare=True,
                   details={"n": n, "dtype": str(dtype).removeprefix("torch."), "products_per_round": iters,
-                           "best_round_s": best, "slowed": slow})
+                           "rounds": rounds, "best_round_s": best, "slowed": slow})
 
 
 # ---- 2. memory pattern test ---------------------------------------------------------------------------------------
@@ -141,7 +186,11 @@ def collectives(device: torch.device, world: int, quick: bool) -> list[Result]:
     """Bus bandwidth (GB/s, nccl-tests' formulas: bandwidth.py) of all_gather, reduce_scatter and all_reduce of fp32
     buffers, through the communicator tessera trains with (tessera.shard.comm: gloo's group on CPU, tessera's NCCL
     communicator on GPU; torch.distributed when this build has no CUDA support). Each size: 2 warm-up calls, a
-    barrier, then the mean time of `iters` calls on this rank."""
+    barrier, then the mean time of `iters` calls on this rank.
+
+    The figures are reported with their median but not compared across ranks: every rank waits for the slowest
+    in each call, so a collective's speed is the group's, and what differs between ranks is only when each left
+    the barrier (on a busy 2-core host up to 40% here). A slow link shows as a low busbw for every rank."""
     import torch.distributed as dist
 
     from tessera.errors import NotSupportedError
@@ -182,7 +231,6 @@ def collectives(device: torch.device, world: int, quick: bool) -> list[Result]:
             seconds = (time.perf_counter() - t0) / iters
             label = f"{name} {size / MiB:g}MiB"
             out.append(Result(label, "pass", bandwidth.busbw_gbps(name, nbytes, seconds, world), "GB/s busbw",
-                              compare=True,
                               details={"bytes": nbytes, "seconds": seconds, "iters": iters, "via": via,
                                        "algbw_gbps": bandwidth.algbw_gbps(nbytes, seconds)}))
     return out
@@ -190,30 +238,38 @@ def collectives(device: torch.device, world: int, quick: bool) -> list[Result]:
 
 # ---- 5. checkpoint directory --------------------------------------------------------------------------------------
 
-def checkpoint_dir(directory: str, rank: int, quick: bool) -> Result:
+def checkpoint_dir(directory: str, rank: int, quick: bool, turns: Turns | None = None, repeats: int = 3) -> Result:
     """Write + fsync bandwidth (GB/s) of the checkpoint directory: this rank writes a file of 64 MiB (--quick:
-    8 MiB) with os.write in 4 MiB blocks, os.fsync, then removes it. Fails naming the directory if it cannot be
-    written."""
+    8 MiB) with os.write in 4 MiB blocks, os.fsync, then removes it; `repeats` times, in `turns`, the figure being
+    the best (a disk shared with other work varies from one fsync to the next; a slow disk is slow every time).
+    Fails naming the directory if it cannot be written."""
+    turns = turns or Turns.alone()
     nbytes, block = (8 if quick else 64) * MiB, 4 * MiB
-    path = os.path.join(directory, f".tessera-doctor-rank{rank}-{os.getpid()}.tmp")
     data = os.urandom(block)
+    best = min(turns.run(lambda: _write_fsync(directory, rank, nbytes, data)) for _ in range(repeats))
+    turns.check()
+    return Result("checkpoint_write", "pass", nbytes / best / 1e9, "GB/s", compare=True,
+                  details={"dir": directory, "bytes": nbytes, "best_s": best, "files": repeats, "fsync": True})
+
+
+def _write_fsync(directory: str, rank: int, nbytes: int, data: bytes) -> float:
+    """Seconds to write `nbytes` (in blocks of `data`) to a new file in `directory` and fsync it; removes it."""
+    path = os.path.join(directory, f".tessera-doctor-rank{rank}-{os.getpid()}.tmp")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
         raise OSError(f"checkpoint directory {directory} is not writable: creating {path} failed: "
                       f"{e.strerror or e}") from None
+    written = 0
     try:
         t0 = time.perf_counter()
-        written = 0
         while written < nbytes:
-            written += os.write(fd, data[: min(block, nbytes - written)])
+            written += os.write(fd, data[: min(len(data), nbytes - written)])
         os.fsync(fd)
-        seconds = time.perf_counter() - t0
+        return time.perf_counter() - t0
     except OSError as e:
         raise OSError(f"checkpoint directory {directory}: writing {nbytes} bytes to {path} failed after {written} "
                       f"bytes: {e.strerror or e}") from None
     finally:
         os.close(fd)
         os.unlink(path)
-    return Result("checkpoint_write", "pass", nbytes / seconds / 1e9, "GB/s", compare=True,
-                  details={"dir": directory, "bytes": nbytes, "seconds": seconds, "fsync": True})

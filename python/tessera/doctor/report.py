@@ -12,7 +12,8 @@ from tessera.doctor.bandwidth import stragglers
 
 def build_report(ranks: list[dict], *, device: str, margin: float, quick: bool) -> dict:
     """`ranks`: one dict per rank, {"rank", "host", "device_name", "results": [Result.to_json(), ...]}. Returns the
-    report (JSON-ready): every figure with its unit, median and flag, the problems found and the exit status."""
+    report (JSON-ready): every figure with its unit, the median of the ranks that passed, the flag (only for figures
+    marked `compare`), the problems found and the exit status."""
     ranks = sorted(ranks, key=lambda r: r["rank"])
     order: list[str] = []
     by_check: dict[str, dict[int, dict]] = {}
@@ -25,8 +26,10 @@ def build_report(ranks: list[dict], *, device: str, margin: float, quick: bool) 
     for check in order:
         per_rank = by_check[check]
         figures = {rank: res["figure"] for rank, res in per_rank.items()
-                   if res["compare"] and res["status"] == "pass" and res["figure"] is not None}
+                   if res["status"] == "pass" and res["figure"] is not None}
         median, flagged = stragglers(figures, margin) if figures else (None, set())
+        if not all(per_rank[rank]["compare"] for rank in figures):  # reported, not judged (see Result.compare)
+            flagged = set()
         for rank, res in sorted(per_rank.items()):
             row = dict(res, rank=rank, median=median, flagged=rank in flagged)
             rows.append(row)

@@ -3,10 +3,11 @@
 is one rank. Every rank runs the checks, the ranks exchange their results (as JSON bytes through an all_gather,
 no pickle), and the report is built from all of them (report.py).
 
-On CPU the ranks of a host share its cores and its disk, so the per-rank checks (GEMM, memory, checkpoint write)
-run one rank at a time, each rank using the cores a training rank would get; otherwise a rank that the scheduler
-happened to starve would be flagged as a straggler. GPUs are each rank's own, so there the ranks run together (as
-in training: a GPU that throttles under a full node's heat or power shows up).
+On CPU the ranks of a host share its cores and its disk, so the timed per-rank checks (GEMM, checkpoint write) run
+one rank at a time, their rounds interleaved across ranks (checks.Turns), each rank using the cores a training rank
+would get; otherwise a rank that the scheduler or another job happened to starve would be flagged as a straggler.
+GPUs are each rank's own, so there the ranks run together (as in training: a GPU that throttles under a full
+node's heat or power shows up).
 """
 
 from __future__ import annotations
@@ -66,22 +67,26 @@ def _device_name(device: torch.device) -> str:
 def rank_checks(rank: int, world: int, device: torch.device, opts: DoctorOptions) -> dict:
     """Runs every check on this rank (a collective call: every rank of the default group calls it)."""
     slow = knobs.doctor_slow_rank() == rank
+    cpu = device.type == "cpu" and world > 1
     results: list[checks.Result] = []
 
-    def own(name, fn, *args):  # per-rank checks; on CPU one rank at a time (see the module docstring)
-        for turn in range(world if device.type == "cpu" else 1):
-            if device.type != "cpu" or turn == rank:
-                results.extend(checks.run_check(rank, name, fn, *args))
-            if device.type == "cpu" and world > 1:
-                dist.barrier()
+    def add(name, fn, *args):
+        results.extend(checks.run_check(rank, name, fn, *args))
+
+    def turns():  # interleaved timed rounds on CPU (see checks.Turns)
+        return checks.Turns(rank, world, dist.barrier) if cpu else checks.Turns.alone()
 
     with tempfile.TemporaryDirectory(prefix="tessera-doctor-") as tmp:
-        own("gemm", checks.gemm, device, opts.quick, slow)
-        own("memory", checks.memory, device, opts.quick)
-        own("host_device", checks.host_device, device, opts.quick)
-        results.extend(checks.run_check(rank, "collectives", checks.collectives, device, world, opts.quick))
-        own("checkpoint_write", checks.checkpoint_dir, opts.checkpoint_dir or tmp, rank, opts.quick)
-        own("nvml", nvml.nvml_health, device)
+        add("gemm", checks.gemm, device, opts.quick, slow, turns())
+        for turn in range(world if cpu else 1):  # not timed for comparison, but memory-hungry: one rank at a time
+            if not cpu or turn == rank:
+                add("memory", checks.memory, device, opts.quick)
+            if cpu:
+                dist.barrier()
+        add("host_device", checks.host_device, device, opts.quick)
+        add("collectives", checks.collectives, device, world, opts.quick)
+        add("checkpoint_write", checks.checkpoint_dir, opts.checkpoint_dir or tmp, rank, opts.quick, turns())
+        add("nvml", nvml.nvml_health, device)
     return {"rank": rank, "host": socket.gethostname(), "device_name": _device_name(device),
             "results": [r.to_json() for r in results]}
 

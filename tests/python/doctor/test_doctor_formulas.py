@@ -61,6 +61,14 @@ def test_report_verdict():
     assert slow["problems"] == ["rank 2: gemm: 7 TFLOP/s is more than 25% below the median of the ranks, "
                                 "10 TFLOP/s (expected >= 7.5)"]
     assert "SLOW" in table(slow).splitlines()[3]
+    # A figure reported but not compared (a collective's: the group's speed) is never flagged; its median is shown.
+    group = [_rank(r, 10.0) for r in range(3)]
+    for r, busbw in enumerate((1.0, 1.0, 0.1)):
+        group[r]["results"].append({"check": "all_reduce 1MiB", "status": "pass", "figure": busbw,
+                                    "unit": "GB/s busbw", "compare": False, "error": None, "details": {}})
+    rep = build_report(group, device="cpu", margin=0.25, quick=True)
+    assert rep["exit_status"] == 0
+    assert [(r["median"], r["flagged"]) for r in rep["checks"] if r["check"] == "all_reduce 1MiB"] == [(1.0, False)] * 3
     failed = build_report([_rank(0, 10.0), _rank(1, 10.0, ckpt_error="rank 1: checkpoint_write: /x not writable")],
                           device="cpu", margin=0.25, quick=True)
     assert failed["exit_status"] == 1 and failed["problems"] == ["rank 1: checkpoint_write: /x not writable"]
