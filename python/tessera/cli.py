@@ -9,6 +9,7 @@
     tessera fetch --list                        the models fetch knows
     tessera generate MODEL --prompt TEXT [...]   continue a prompt with a model (HF dir or checkpoint)
     tessera plot OUTPUT_DIR [--out DIR]         PNG plots of a run's metrics.jsonl; prints their paths
+    tessera doctor [--device cpu|cuda] [--nproc N] [--quick] [...]   health checks of the ranks (tessera.doctor)
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plot", help="PNG plots (loss, throughput, lr) of a run's metrics.jsonl; prints their paths")
     p.add_argument("output_dir", help="the run's output directory (holds metrics.jsonl)")
     p.add_argument("--out", help="where the PNGs go (default: OUTPUT_DIR/plots)")
+    _add_doctor_parser(sub)
     ns = parser.parse_args(argv)
+    if ns.command == "doctor":
+        return _doctor(ns)
     if ns.command == "plot":
         return _plot(ns)
     if ns.command == "fetch":
@@ -104,6 +108,30 @@ def _plot(ns: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+# ---- tessera doctor --------------------------------------------------------------------------------------------
+
+def _add_doctor_parser(sub) -> None:
+    p = sub.add_parser("doctor", help="health checks before a run: GEMM, memory, collectives, checkpoint dir, GPU")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--nproc", type=int, help="ranks to start (default: 2 on CPU, every GPU on CUDA)")
+    p.add_argument("--checkpoint-dir", help="directory whose write + fsync bandwidth to test (default: a temp dir)")
+    p.add_argument("--json", dest="json_path", help="write the report (every figure, units, flags) here")
+    p.add_argument("--margin", type=float, default=0.25, help="flag a rank this fraction below the median")
+    p.add_argument("--quick", action="store_true", help="small buffers and sizes (seconds)")
+
+
+def _doctor(ns) -> int:
+    """Exit status 0: all checks passed; 1: a check failed or a rank is flagged; 2: bad arguments."""
+    from tessera.doctor import DoctorOptions, run_doctor
+
+    try:
+        return run_doctor(DoctorOptions(device=ns.device, nproc=ns.nproc, checkpoint_dir=ns.checkpoint_dir,
+                                        json_path=ns.json_path, margin=ns.margin, quick=ns.quick))
+    except TesseraError as e:
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return 2
 
 
 # ---- tessera generate ------------------------------------------------------------------------------------------

@@ -157,3 +157,15 @@ def elastic_worker() -> ElasticWorker | None:
         return None
     return ElasticWorker(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["RANK"]),
                          int(os.environ["WORLD_SIZE"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+
+def doctor_slow_rank() -> int | None:
+    """Fault injection for tests only (TESSERA_DOCTOR_SLOW_RANK=R): `tessera doctor` makes rank R's GEMM check
+    sleep 3x its compute time, so that rank's TFLOP/s drops to a quarter and it is flagged. None (unset): off."""
+    raw = os.environ.get("TESSERA_DOCTOR_SLOW_RANK", "")
+    if raw == "":
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"environment variable TESSERA_DOCTOR_SLOW_RANK={raw!r} is not a rank (a non-negative "
+                         "integer)")
+    return int(raw)
