@@ -27,4 +27,4 @@ echo "== Fuzzing the checkpoint manifest and file-header parsers (libFuzzer, ${T
 bash scripts/fuzz.sh "${TESSERA_FUZZ_SECONDS:-30}"
 
 echo "== Python tests (pytest)"
-.venv/bin/python -m pytest tests/python -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest tests/python -q -p no:cacheprovider --durations=30 "$@"

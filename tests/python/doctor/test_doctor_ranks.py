@@ -57,7 +57,9 @@ def _check_report(report, world):
 
 def test_two_ranks_pass_through_the_cli(tmp_path, capsys):
     out = tmp_path / "doctor.json"
-    assert cli.main(["doctor", "--quick", "--json", str(out)]) == 0
+    # --margin 0.9 in the "healthy" runs: on a shared 2-core VM one rank's disk write was 30% below the other's (seen
+    # in a full-suite run); the flagging rule itself is tested with a rank slowed 4x (test_slowed_rank_is_flagged).
+    assert cli.main(["doctor", "--quick", "--margin", "0.9", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["passed"] and report["exit_status"] == 0 and report["problems"] == []
     _check_report(report, 2)
@@ -68,7 +70,8 @@ def test_two_ranks_pass_through_the_cli(tmp_path, capsys):
 
 def test_three_ranks_pass(tmp_path):
     out = tmp_path / "doctor.json"
-    assert run_doctor(DoctorOptions(nproc=3, quick=True, json_path=str(out), checkpoint_dir=str(tmp_path))) == 0
+    assert run_doctor(DoctorOptions(nproc=3, quick=True, json_path=str(out), checkpoint_dir=str(tmp_path),
+                                    margin=0.9)) == 0
     report = json.loads(out.read_text())
     _check_report(report, 3)
     assert all(row["details"]["dir"] == str(tmp_path) for row in report["checks"]
@@ -131,7 +134,7 @@ def test_under_torchrun(tmp_path):
     out = tmp_path / "doctor.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "tessera", "doctor", "--quick", "--json", str(out)],
+                           "-m", "tessera", "doctor", "--quick", "--margin", "0.9", "--json", str(out)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("tessera doctor: 2 rank(s) on cpu: PASS") == 1

@@ -133,7 +133,9 @@ def _sharded_rank(rank, world, smollm2_dir, batches, want_losses, out):
     tm.save_hf(model, out)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+# 3 ranks only (uneven shards of every tensor); 2 ranks ran here too until CI time got tight (30 s of the real
+# model); 2-rank sharded training is covered on the tiny HF models (test_hf_sharded.py) and by the recipe tests.
+@pytest.mark.parametrize("world", [3])
 def test_sharded_training_and_export_equal_one_process(world, smollm2_dir, tokenizer, tmp_path):
     batches = _batches(tokenizer)
     want_losses, want_state = _one_process(smollm2_dir, batches)
