@@ -7,7 +7,8 @@
 #   bench   python benchmarks/gpu_bench.py (skipped with a message while it does not exist)
 #   recipe  `tessera run` of the SmolLM2 full-SFT recipe on the GPU (bf16, NCCL, world size 1) on a random-init
 #           SmolLM2-135M written there, then benchmarks/sft.py (the same SFT with transformers + FSDP2 fully_shard);
-#           needs .gpu_inputs/ (carried): smollm2-tok/ (config.json + tokenizer files) and cache/data/chatterbot-corpus
+#           needs .gpu_inputs/ (made here by scripts/fetch_gpu_inputs.sh, carried): smollm2-tok/ (config.json +
+#           tokenizer files) and cache/data/chatterbot-corpus
 #           (a copy of ~/.cache/tessera/data/chatterbot-corpus), since that machine has no network.
 # Usage: scripts/gpu_check.sh [cpp] [python] [bench] [recipe]     (no argument: cpp python bench, in that order)
 #   CPP_TARGETS="cuda_kernels_test comm_test"  builds only those targets (default: all);
