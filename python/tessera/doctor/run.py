@@ -157,7 +157,7 @@ def run_doctor(opts: DoctorOptions) -> int:
         raise InvalidArgumentError("--device cuda but no CUDA device is visible")
     if knobs.launched_by_torchrun():
         ranks = _rank_main(0, 0, opts, None)
-        return _finish(ranks, opts, show=int(os.environ["RANK"]) == 0)
+        return _finish(ranks, opts, show=knobs.torchrun_rank() == 0)
     world = opts.nproc or (torch.cuda.device_count() if opts.device == "cuda" else 2)
     if opts.device == "cuda" and world > torch.cuda.device_count():
         raise InvalidArgumentError(f"--nproc {world} but only {torch.cuda.device_count()} GPU(s) are visible")

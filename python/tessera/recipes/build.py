@@ -114,14 +114,14 @@ def build_model(cfg: JobConfig, weights_dir: Path | None, *, device: torch.devic
                 mixed_precision) -> nn.Module:
     """The sharded model on `device` (collective: every rank calls it). Pretrained weights stream in unit by unit
     (tessera.models.load_hf(shard=True)); LoRA adapters are created inside the unit of the linear they adapt.
-    Parameters are float32 (the master copy); mixed_precision casts for compute."""
+    Parameters are float32 (the master copy); mixed_precision casts for compute. Random values (a random-init
+    model, LoRA's A matrices) come from torch's global generator: the caller seeds it the same on every rank."""
     strategy = tessera.ShardingStrategy[cfg.parallelism.strategy.upper()]
     adapt = _adapt(cfg)
     if weights_dir is not None:
         return tessera.models.load_hf(weights_dir, dtype=torch.float32, device=device, shard=True, group=group,
                                       strategy=strategy, mixed_precision=mixed_precision, adapt=adapt)
     config = random_init_config(cfg)
-    torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
     model = tessera.models.build(config, device=device)
     init_weights(model)
     adapt(model)

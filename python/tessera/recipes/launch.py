@@ -34,6 +34,18 @@ def resolve_device(cfg: JobConfig) -> str:
     return want
 
 
+def preflight(cfg: JobConfig) -> str:
+    """What can be checked before any rank starts, so bad input fails once (not in every rank, nor in every restart)
+    with exit status 2: the device, the data source, the model directory (fetched here, once). Returns the device
+    type."""
+    from tessera.recipes import build, data_sources
+
+    device_type = resolve_device(cfg)
+    data_sources.check_source(cfg)
+    build.model_dir(cfg)
+    return device_type
+
+
 def mixed_precision(cfg: JobConfig, device_type: str):
     precision = cfg.training.precision
     if precision == "auto":
@@ -96,11 +108,7 @@ def _spawned(rank: int, world: int, device_type: str, init_file: str, cfg: JobCo
 def run(cfg: JobConfig) -> int:
     """Runs the job; returns the process exit status (0 on success). Raises InvalidArgumentError for what can be
     checked before ranks start (device, model directory, data source)."""
-    from tessera.recipes import build, data_sources
-
-    device_type = resolve_device(cfg)
-    data_sources.check_source(cfg)
-    build.model_dir(cfg)  # fetches once here, before the ranks start
+    device_type = preflight(cfg)
     if knobs.launched_by_torchrun():
         try:
             _rank_main(0, 0, device_type, None, cfg)  # rank and world come from torchrun
@@ -130,11 +138,7 @@ def run_elastic(cfg: JobConfig, argv: list[str], *, nproc: int | None, max_resta
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as elastic_run
 
-    from tessera.recipes import build, data_sources
-
-    device_type = resolve_device(cfg)
-    data_sources.check_source(cfg)  # bad input fails here, once, instead of in every restart
-    build.model_dir(cfg)
+    device_type = preflight(cfg)
     if cfg.checkpoint.every == 0:
         print("tessera: warning: checkpoint.every=0, so a restarted group starts from step 0", file=sys.stderr)
     n = nproc or cfg.parallelism.world_size or (torch.cuda.device_count() if device_type == "cuda" else 2)

@@ -61,7 +61,7 @@ class Job:
         t = cfg.training
         self.weights_dir = build.model_dir(cfg)
         self.tokenizer = build.load_tokenizer(cfg, self.weights_dir)
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # the same initial weights and LoRA matrices on every rank
         self.model = build.build_model(cfg, self.weights_dir, device=device, group=None,
                                        mixed_precision=mixed_precision)
         self.vocab_size = self.model.config.vocab_size
