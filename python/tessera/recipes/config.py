@@ -9,7 +9,8 @@ names the key and lists what is allowed.
     parallelism: device (auto: CUDA + NCCL + bf16 if there is a GPU, else CPU + gloo + fp32), ranks, strategy
     training:    steps, batch, gradient accumulation, AdamW, warmup + cosine LR, clipping, eval cadence, seed
     checkpoint:  where, how often, how many kept; resume is automatic
-    metrics:     progress bar, metrics.jsonl + TensorBoard, the prompt answered before and after training
+    metrics:     progress bar, metrics.jsonl + TensorBoard, the prompt answered before and after training, energy/CO2
+    resilience:  init and collective timeouts, heartbeats, straggler detection
 
 Names that scripts and docs rely on: output_dir, training.steps, training.lr, checkpoint.dir, checkpoint.every,
 checkpoint.keep_last.
@@ -103,6 +104,29 @@ class MetricsSection:
     tensorboard: bool = True
     prompt: str = "What is the capital of France?"  # chat models answer it before and after training; "" = skip
     max_new_tokens: int = 40
+    # Energy and CO2 (tessera.metrics.energy): CO2 grams = kWh x pue x grid_gco2_per_kwh. The energy is what the
+    # counters measure (NVML's total-energy counter per GPU, RAPL powercap per CPU package where readable).
+    pue: float = 1.0  # data-centre power usage effectiveness; 1.0 counts the measured devices only
+    grid_gco2_per_kwh: float = 475.0  # g CO2 per kWh; 475: the world average the IEA reported for 2018
+
+
+@dataclass(kw_only=True)
+class ResilienceSection:
+    # How long every rank may take to join the process group (and NCCL communicator); a rank that never comes up
+    # fails the job after this, not after a training timeout sized for steady state.
+    init_timeout_s: float = 600.0
+    # The bound on every collective until the first step finished (allocation, warm-up, a checkpoint load) ...
+    first_step_timeout_s: float = 600.0
+    # ... and after it: a few times the step time, so a hung peer ends the job in that time, not in ten minutes.
+    collective_timeout_s: float = 300.0
+    # Each rank's heartbeat through the c10d store: a rank not heard from for heartbeat_timeout_s (stopped, frozen
+    # host) is reported by the others, which then exit with status 75 (restartable). 0: no heartbeats.
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 30.0
+    # A rank whose compute time per step (step time less its waits in collectives), averaged over straggler_window
+    # steps, exceeds straggler_factor x the median rank's is logged as a straggler. window 0: off.
+    straggler_factor: float = 1.5
+    straggler_window: int = 10
 
 
 @dataclass(kw_only=True)
@@ -114,6 +138,7 @@ class JobConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    resilience: ResilienceSection = field(default_factory=ResilienceSection)
 
     def __post_init__(self):
         validate(self)
@@ -165,6 +190,22 @@ def validate(cfg: JobConfig) -> None:
     if m.overrides and not m.config:
         raise InvalidArgumentError("config key 'model.overrides' changes a random-init model's shape; it needs "
                                    "model.config (pretrained weights fix the shape)")
+    r = cfg.resilience
+    for key in ("init_timeout_s", "first_step_timeout_s", "collective_timeout_s", "heartbeat_interval_s"):
+        if getattr(r, key) <= 0:
+            raise InvalidArgumentError(f"config key 'resilience.{key}' must be > 0 seconds, got {getattr(r, key)}")
+    if r.heartbeat_timeout_s and r.heartbeat_timeout_s < 2 * r.heartbeat_interval_s:
+        raise InvalidArgumentError(
+            f"config key 'resilience.heartbeat_timeout_s' must be 0 (off) or at least twice "
+            f"resilience.heartbeat_interval_s ({r.heartbeat_interval_s} s), got {r.heartbeat_timeout_s}")
+    if r.heartbeat_timeout_s < 0 or r.straggler_window < 0:
+        raise InvalidArgumentError("config keys 'resilience.heartbeat_timeout_s' and 'resilience.straggler_window' "
+                                   f"must be >= 0, got {r.heartbeat_timeout_s} and {r.straggler_window}")
+    if r.straggler_factor <= 1.0:
+        raise InvalidArgumentError(f"config key 'resilience.straggler_factor' must be > 1, got {r.straggler_factor}")
+    if cfg.metrics.pue < 1.0 or cfg.metrics.grid_gco2_per_kwh < 0:
+        raise InvalidArgumentError(f"config keys 'metrics.pue' (>= 1) and 'metrics.grid_gco2_per_kwh' (>= 0): got "
+                                   f"{cfg.metrics.pue} and {cfg.metrics.grid_gco2_per_kwh}")
     if not cfg.output_dir:
         raise InvalidArgumentError("config key 'output_dir' must not be empty")
 
