@@ -25,6 +25,7 @@ from tessera.errors import (
 # `tessera.shard` is the package tessera/shard, callable as tessera.shard(module, ...) (see its __init__.py).
 from tessera import shard
 from tessera.shard.api import set_requires_gradient_sync
+from tessera.shard.comm import set_step, set_timeouts
 from tessera.shard.types import MixedPrecision, ShardingStrategy
 from tessera.shard.clip import clip_grad_norm_
 from tessera.shard.state_dict import full_state_dict, load_full_state_dict
@@ -52,5 +53,7 @@ __all__ = [
     "optim",
     "peft",
     "set_requires_gradient_sync",
+    "set_step",
+    "set_timeouts",
     "shard",
 ]

@@ -169,3 +169,11 @@ def doctor_slow_rank() -> int | None:
         raise ValueError(f"environment variable TESSERA_DOCTOR_SLOW_RANK={raw!r} is not a rank (a non-negative "
                          "integer)")
     return int(raw)
+
+
+def fault_plan_path() -> Path | None:
+    """Fault injection for tests and benchmarks only (TESSERA_FAULT_PLAN=FILE): the JSON fault plan that
+    tessera.recipes.faults fires in `tessera run` (kills, stops, a full disk, a corrupted checkpoint at named
+    moments of named steps, per restart attempt). None (unset): off."""
+    raw = os.environ.get("TESSERA_FAULT_PLAN", "")
+    return Path(raw) if raw else None

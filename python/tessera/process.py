@@ -10,6 +10,13 @@ to the group, but torch keeps the default group alive past destroy_process_group
 which the first torch.optim optimizer does (measured: its refcount goes from 9 to 19 and it survives destroy and
 gc.collect()). So a rank that finished its work runs the exit hooks (tessera's in-flight checkpoint saves finish
 there, multiprocessing cleans up), flushes its output and leaves with os._exit, skipping the teardown.
+
+[Note: a failed rank leaves at once] A rank that failed (a lost or stopped peer, a collective timeout) must not wait
+for anything on its way out: an in-flight checkpoint save would wait for the dead peer's files for the whole commit
+timeout (10 minutes, seen in the fault suite: a rank stuck joining its commit thread after reporting a timeout), and
+the launcher restarts nobody until every rank is gone. So it flushes its output and leaves with os._exit, without
+the exit hooks: the save in flight is abandoned (its .tmp directory is removed by the next start, the previous
+checkpoint stands).
 """
 
 from __future__ import annotations
@@ -31,3 +38,14 @@ def end_spawned_rank(code: int = 0) -> NoReturn:
             except (OSError, ValueError):
                 pass
         os._exit(code)
+
+
+def end_failed_rank(code: int) -> NoReturn:
+    """Ends this rank process after it failed, at once: flushed output, os._exit(code), no exit hooks (see [Note: a
+    failed rank leaves at once])."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -1,5 +1,6 @@
 #include "tessera/comm/communicator.h"
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
 namespace tessera::comm {
@@ -36,6 +37,13 @@ absl::StatusOr<std::unique_ptr<Work>> Communicator::Broadcast(BufferView buf, in
                                                               const CollectiveOptions& options) {
   Collective op = Collective::Broadcast(buf, root);
   return Issue(absl::MakeConstSpan(&op, 1), options);
+}
+
+std::string Communicator::Where(const CollectiveOptions& options) const {
+  std::string where = absl::StrFormat("rank %d of %d", rank(), size());
+  if (step() >= 0) absl::StrAppendFormat(&where, ", step %d", step());
+  if (!options.tag.empty()) absl::StrAppend(&where, ", ", options.tag);
+  return where;
 }
 
 absl::Status ValidateCollective(const Collective& op, int world_size) {

@@ -6,6 +6,9 @@
 // a Status from Issue() or Work::Wait(), never as a hang or an exception.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -80,6 +83,19 @@ class Communicator {
                                                                     const CollectiveOptions& options) = 0;
   [[nodiscard]] virtual absl::Status Barrier(absl::Duration timeout) = 0;
 
+  // The training step the caller is in (-1: none), named in timeout and error messages. Thread-safe.
+  void set_step(int64_t step) { step_.store(step, std::memory_order_relaxed); }
+  int64_t step() const { return step_.load(std::memory_order_relaxed); }
+  // A bound on every collective from now on, on top of each call's own timeout (the smaller wins): the training
+  // timeout, tightened after the first step while init and the first step ran under the longer defaults.
+  // InfiniteDuration() (the default): no cap. Thread-safe.
+  void set_timeout_cap(absl::Duration cap) { cap_ns_.store(absl::ToInt64Nanoseconds(cap), std::memory_order_relaxed); }
+  absl::Duration timeout_cap() const { return absl::Nanoseconds(cap_ns_.load(std::memory_order_relaxed)); }
+  // The deadline a collective issued with `requested` gets: min(requested, timeout_cap()).
+  absl::Duration EffectiveTimeout(absl::Duration requested) const { return std::min(requested, timeout_cap()); }
+  // "rank R of W, step S, TAG": where a collective was issued, for messages (the step and tag only when set).
+  std::string Where(const CollectiveOptions& options) const;
+
   // Single-collective conveniences over Issue().
   [[nodiscard]] absl::StatusOr<std::unique_ptr<Work>> AllGather(BufferView in, BufferView out,
                                                                 const CollectiveOptions& options = {});
@@ -89,6 +105,11 @@ class Communicator {
                                                                 const CollectiveOptions& options = {});
   [[nodiscard]] absl::StatusOr<std::unique_ptr<Work>> Broadcast(BufferView buf, int root,
                                                                 const CollectiveOptions& options = {});
+
+ private:
+  std::atomic<int64_t> step_{-1};
+  // ToInt64Nanoseconds(InfiniteDuration()) saturates to int64 max (about 292 years): no cap in practice.
+  std::atomic<int64_t> cap_ns_{absl::ToInt64Nanoseconds(absl::InfiniteDuration())};
 };
 
 // Checks one collective's shapes, dtypes and devices against a world of `world_size`; every backend calls it first

@@ -3,6 +3,10 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_format.h"
 #include "tessera/comm/pg/c10d_store.h"
 #include "tessera/comm/pg/pg_communicator.h"
 #include "tessera/kernels/kernels.h"
@@ -53,6 +57,24 @@ void BindComm(py::module_& m) {
       .def_property_readonly("rank", &comm::Communicator::rank)
       .def_property_readonly("size", &comm::Communicator::size)
       .def_property_readonly("backend_name", &comm::Communicator::backend_name)
+      .def_property("step", &comm::Communicator::step, &comm::Communicator::set_step,
+                    "The training step named in this communicator's timeout and error messages (-1: none).")
+      .def_property(
+          "timeout_cap_s",
+          [](const comm::Communicator& c) {
+            const absl::Duration cap = c.timeout_cap();
+            return cap >= absl::Hours(24 * 365 * 100) ? std::numeric_limits<double>::infinity()
+                                                      : absl::ToDoubleSeconds(cap);
+          },
+          [](comm::Communicator& c, double seconds) {
+            if (!(seconds > 0)) {
+              ThrowIfError(absl::InvalidArgumentError(absl::StrFormat(
+                  "timeout_cap_s must be > 0 seconds (inf: no cap), got %g", seconds)));
+            }
+            c.set_timeout_cap(std::isinf(seconds) ? absl::InfiniteDuration() : absl::Seconds(seconds));
+          },
+          "A bound in seconds on every collective from now on, on top of each call's own timeout (the smaller "
+          "wins; inf: none). Tightened after the first step so a hung peer ends the job in seconds.")
       .def("barrier",
            [](comm::Communicator& c, double timeout_s) {
              absl::Status s;
@@ -123,20 +145,24 @@ void BindComm(py::module_& m) {
 #ifdef TESSERA_WITH_CUDA
   m.def("nccl_unique_id", []() { return py::bytes(ValueOrThrow(comm::NcclCommunicator::NewUniqueId())); });
   m.def("nccl_communicator",
-        [](int rank, int size, const py::bytes& unique_id, int device) -> std::shared_ptr<comm::Communicator> {
+        [](int rank, int size, const py::bytes& unique_id, int device,
+           double init_timeout_s) -> std::shared_ptr<comm::Communicator> {
           std::string id = unique_id;
           std::unique_ptr<comm::NcclCommunicator> c;
           absl::Status status;
           {
             py::gil_scoped_release release;
-            auto made = comm::NcclCommunicator::Create(rank, size, id, device);
+            auto made = comm::NcclCommunicator::Create(rank, size, id, device, absl::Seconds(init_timeout_s));
             status = made.status();
             if (made.ok()) c = std::move(made).value();
           }
           ThrowIfError(status);
           return std::shared_ptr<comm::Communicator>(std::move(c));
         },
-        py::arg("rank"), py::arg("size"), py::arg("unique_id"), py::arg("device"));
+        py::arg("rank"), py::arg("size"), py::arg("unique_id"), py::arg("device"), py::arg("init_timeout_s") = 600.0,
+        "tessera's NCCL communicator: rank `rank` of `size` on CUDA device `device`; every rank must join within "
+        "`init_timeout_s` seconds (tessera.CommTimeoutError otherwise). Each issued collective is watched against "
+        "its deadline by a watchdog thread that aborts the communicator on a miss (csrc/tessera/comm/watchdog.h).");
 #endif
 }
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import weakref
 
 import torch
@@ -62,6 +63,7 @@ class SaveHandle:
     def __init__(self, step: int, handle):
         self.step = step
         self._handle = handle
+        self.waited = False  # whether wait() was called (its outcome seen by the caller)
 
     @property
     def done(self) -> bool:
@@ -74,6 +76,7 @@ class SaveHandle:
         return dict(self._handle.stats)
 
     def wait(self) -> None:
+        self.waited = True
         try:
             self._handle.wait()
         except TesseraError as e:
@@ -91,13 +94,21 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+# The crash point of a load (fault injection, tests only): the process kills itself with SIGKILL once half of the
+# checkpoint's tensors are applied to the state, the worst moment for a load to stop.
+LOAD_CRASH_POINT = "during_load"
+
+
 class Checkpointer:
     def __init__(self, root: str | os.PathLike, keep_last: int = 3, *, threads: int = 4,
-                 commit_timeout_s: float | None = None, read_only: bool = False):
+                 commit_timeout_s: float | None = None, read_only: bool = False,
+                 crash_point: knobs.CrashPoint | None = None):
         """read_only=True: a reader in this one process (world 1, no collective, even inside a distributed job),
         for looking at the checkpoints of a job that may still be saving: it creates nothing and never removes
         the .tmp-* directory of a save in progress (a writer removes those as leftovers of crashed saves).
-        save() then raises StateError."""
+        save() then raises StateError.
+        crash_point: fault injection for tests only, overriding knobs' TESSERA_CHECKPOINT_CRASH_AT: a save point of
+        csrc/tessera/checkpoint/writer.h, or LOAD_CRASH_POINT ("during_load": half of a load's tensors applied)."""
         if keep_last < 0:
             raise InvalidArgumentError(f"Checkpointer: keep_last must be >= 0 (0 keeps all), got {keep_last}")
         self.root = os.fspath(root)
@@ -105,6 +116,7 @@ class Checkpointer:
         if read_only:
             self.rank, self.world, self._group_ref, self._writer = 0, 1, None, None
             self._crash_writer, self._crash_step, self._pending, self._saves = None, None, None, 0
+            self._crash_load = None
             return
         self.rank, self.world = _rank_world()
         k = knobs.load()
@@ -131,11 +143,14 @@ class Checkpointer:
         if self.rank != 0:
             self._writer = new_writer()
         # Fault injection (tests): kills this process at a named point of a save (knobs.CrashPoint).
-        self._crash_writer, self._crash_step = None, None
-        crash = k.checkpoint_crash_point
+        self._crash_writer, self._crash_step, self._crash_load = None, None, None
+        crash = crash_point if crash_point is not None else k.checkpoint_crash_point
         if crash is not None and crash.rank in (None, self.rank):
-            self._crash_step = crash.step
-            self._crash_writer = new_writer(crash_point=crash.point)
+            if crash.point == LOAD_CRASH_POINT:
+                self._crash_load = crash
+            else:
+                self._crash_step = crash.step
+                self._crash_writer = new_writer(crash_point=crash.point)
         self._pending: SaveHandle | None = None
         self._saves = 0  # save() calls so far: the same on every rank (see [Note: save attempts] in writer.h)
         _live.add(self)
@@ -158,14 +173,17 @@ class Checkpointer:
         save first waits for the first). The checkpoint is the state at this call: plain values, module buffers
         and everything else that is not a unit's shard are copied now; unit shards (parameters, optimizer state)
         are staged in the background, and one that is changed in place before its staging ended fails the save
-        (wait() raises CheckpointError naming it). See [Note: checkpoint consistency] in tessera/shard/fences.py."""
+        (wait() raises CheckpointError naming it). See [Note: checkpoint consistency] in tessera/shard/fences.py.
+        Raises CheckpointError if the previous save failed and its wait() was never called."""
         if self.read_only:
             raise StateError(f"Checkpointer({self.root!r}, read_only=True) cannot save")
         if not isinstance(step, int) or step < 0:
             raise InvalidArgumentError(f"Checkpointer.save: step must be a non-negative int, got {step!r}")
         attempt = self._saves
         self._saves += 1
-        if self._pending is not None and not self._pending.done:
+        if self._pending is not None and not (self._pending.done and self._pending.waited):
+            # Also a finished one nobody waited for: a failed save must be raised here, not dropped unseen (seen in
+            # the fault suite: with a full disk every later save failed and only the last one's wait() said so).
             self._pending.wait()
         collected, global_extra, rank_extra = self._collect(state, load=False)
         for s in collected.slots:
@@ -281,7 +299,9 @@ class Checkpointer:
                 return CheckpointError(f"checkpoint step {step} in {self.root}: {errors[0]}")
             return CheckpointError(f"checkpoint step {step} in {self.root} could not be loaded: "
                                    + "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items())))
-        for slot, tensor in staged:
+        for i, (slot, tensor) in enumerate(staged):
+            if i == len(staged) // 2 and self._crash_load is not None and self._crash_load.step in (None, step):
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection: half of the state overwritten
             slot.apply(tensor)
         finish()
         return None

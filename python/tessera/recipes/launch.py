@@ -9,10 +9,14 @@ reduction) and the CPU otherwise (gloo, fp32)."""
 
 from __future__ import annotations
 
+import datetime
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,7 +25,7 @@ import torch.multiprocessing as mp
 import tessera
 from tessera import exitcodes, knobs
 from tessera.errors import InvalidArgumentError, TesseraError
-from tessera.process import end_spawned_rank
+from tessera.process import end_failed_rank, end_spawned_rank
 from tessera.recipes.config import JobConfig
 
 
@@ -65,6 +69,7 @@ def _rank_main(rank: int, world: int, device_type: str, init_file: str | None, c
     else:
         device = torch.device("cpu")
         backend, kw = "gloo", {}
+    kw["timeout"] = datetime.timedelta(seconds=cfg.resilience.init_timeout_s)  # tightened after the first step
     if init_file:
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world, **kw)
     elif (w := knobs.elastic_worker()) is not None:
@@ -101,7 +106,7 @@ def _spawned(rank: int, world: int, device_type: str, init_file: str, cfg: JobCo
     try:
         _rank_main(rank, world, device_type, init_file, cfg)
     except BaseException as e:  # noqa: BLE001 - report and end this rank; the others fail their next collective
-        end_spawned_rank(report(rank, e))
+        end_failed_rank(report(rank, e))
     end_spawned_rank()  # see [Note: ending spawned rank processes] in tessera/process.py
 
 
@@ -113,7 +118,7 @@ def run(cfg: JobConfig) -> int:
         try:
             _rank_main(0, 0, device_type, None, cfg)  # rank and world come from torchrun
         except BaseException as e:  # noqa: BLE001
-            return report(knobs.torchrun_rank(), e)
+            end_failed_rank(report(knobs.torchrun_rank(), e))
         return exitcodes.OK
     world = cfg.parallelism.world_size or (torch.cuda.device_count() if device_type == "cuda" else 2)
     if device_type == "cuda" and world > torch.cuda.device_count():
@@ -144,6 +149,8 @@ def run_elastic(cfg: JobConfig, argv: list[str], *, nproc: int | None, max_resta
     n = nproc or cfg.parallelism.world_size or (torch.cuda.device_count() if device_type == "cuda" else 2)
     args = parse_args(["--standalone", "--nproc-per-node", str(n), "--max-restarts", str(max_restarts),
                        "--monitor-interval", "0.5", "-m", "tessera", "run", *argv])
+    stop = threading.Event()
+    threading.Thread(target=_continue_stopped_workers, args=(os.getpid(), stop), daemon=True).start()
     try:
         elastic_run(args)
     except ChildFailedError as e:
@@ -152,4 +159,37 @@ def run_elastic(cfg: JobConfig, argv: list[str], *, nproc: int | None, max_resta
         print(f"tessera: rank {rank} failed with exit status {status} after {max_restarts} restart(s)"
               f"{'' if exitcodes.restartable(status) else ' (a restart cannot help)'}", file=sys.stderr)
         return status
+    finally:
+        stop.set()
     return exitcodes.OK
+
+
+def _continue_stopped_workers(agent_pid: int, stop: threading.Event) -> None:
+    """[Note: ending a stopped worker] When a rank fails, torch's agent ends the group with SIGTERM and waits 30 s
+    before SIGKILL (PContext.close, not configurable). A worker stopped with SIGSTOP (the hung rank the others just
+    reported) cannot act on SIGTERM until it is continued, so every restart after a hang would wait those 30 s. This
+    thread of the launcher continues any worker below it that is stopped with SIGTERM pending, so the SIGTERM ends
+    it at once. Linux /proc only; elsewhere the agent's SIGKILL still ends it after 30 s."""
+    while not stop.wait(0.25):
+        for pid in _descendants(agent_pid):
+            try:
+                status = dict(line.split(":\t", 1) for line in
+                              Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+                pending = int(status.get("ShdPnd", "0"), 16) | int(status.get("SigPnd", "0"), 16)
+                if status.get("State", "").startswith("T") and pending & (1 << (signal.SIGTERM - 1)):
+                    os.kill(pid, signal.SIGCONT)
+            except (OSError, ValueError):
+                continue  # gone meanwhile, or no /proc
+
+
+def _descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        try:
+            kids = [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            continue
+        found += kids
+        frontier += kids
+    return found

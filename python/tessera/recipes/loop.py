@@ -12,6 +12,7 @@ ranks, so the world factor makes the average a sum.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import time
@@ -25,6 +26,7 @@ import tessera
 from tessera import exitcodes
 from tessera.recipes import build, data_sources
 from tessera.recipes.config import JobConfig, dump
+from tessera.recipes.faults import FaultInjector
 from tessera.recipes.schedule import lr_at
 
 
@@ -73,8 +75,25 @@ class Job:
                                           seed=t.seed)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = tessera.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.faults = FaultInjector.from_knobs(rank=self.rank, checkpoint_dir=cfg.checkpoint_dir)
+        if self.faults is not None:
+            self._arm_faults()
         self.train_state = {"step": 0, "tokens": 0}
         self.per_rank = {"sampler": PerRank(self.sampler), "rng": tessera.checkpoint.RNGState()}
+
+    def _arm_faults(self) -> None:
+        """Hooks at the moments tessera.recipes.faults names (fault suite only): entering the forward, the middle
+        layer's gradient in backward, after the optimizer updated the parameters."""
+        f = self.faults
+        self.model.register_forward_pre_hook(lambda *_: f.at("forward"))
+        layers = getattr(self.model, "layers", None)
+        middle = layers[len(layers) // 2] if layers is not None and len(layers) else self.model
+
+        def on_output(_mod, _args, out):
+            if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(lambda g: f.at("backward"))
+        middle.register_forward_hook(on_output)
+        self.opt.register_step_post_hook(lambda *_: f.at("optimizer"))
 
     # ---- one optimizer step --------------------------------------------------------------------------------
 
@@ -91,6 +110,9 @@ class Job:
     def train_step(self, step: int) -> StepResult:
         """See [Note: the loss is normalised by label tokens]."""
         t = self.cfg.training
+        tessera.set_step(step)  # named in collective timeout messages
+        if self.faults is not None:
+            self.faults.begin_step(step)
         lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps, min_lr_ratio=t.min_lr_ratio)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -210,12 +232,16 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
 
     rank = dist.get_rank()
     say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    res = cfg.resilience
+    # See [Note: init and training timeouts] in tessera/shard/comm.py: long until the first step is done.
+    tessera.set_timeouts(init_s=res.init_timeout_s, collective_s=res.first_step_timeout_s)
     job = Job(cfg, device=device, mixed_precision=mixed_precision, log=say)
     say(describe(job))
     t = cfg.training
     ckpt = None
     if cfg.checkpoint.every > 0 or os.path.isdir(cfg.checkpoint_dir):
-        ckpt = tessera.checkpoint.Checkpointer(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
+        ckpt = tessera.checkpoint.Checkpointer(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
+                                               crash_point=job.faults.crash_point() if job.faults else None)
     try:
         resumed = ckpt.load_latest(job.checkpoint_state()) if ckpt is not None else None
     except tessera.CheckpointError as e:  # checkpoints exist and none loads: starting again cannot help
@@ -254,11 +280,14 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         now = time.perf_counter()
         tps = result.tokens / (now - t_last)
         t_last = now
+        if step == start + 1:  # the first step of this attempt is done: steady-state bounds from now on
+            _set_collective_timeout(res.collective_timeout_s)
         job.train_state["step"] = step
         job.train_state["tokens"] += result.tokens
         m = {"loss": result.loss, "lr": job.opt.param_groups[0]["lr"], "tokens": job.train_state["tokens"],
              "tokens_per_s": tps, "mfu": mfu(flops_per_token, tps, device_name), "grad_norm": result.grad_norm,
-             "peak_mem_bytes": peak_memory_bytes(device), "label_tokens": result.label_tokens}
+             "peak_mem_bytes": peak_memory_bytes(device), "label_tokens": result.label_tokens,
+             "time": round(time.time(), 3)}  # wall clock (s since the epoch) at the step's end
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             m["eval_loss"] = job.evaluate()
             if m["eval_loss"] is not None:
@@ -276,6 +305,7 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
             handle = ckpt.save(step, job.checkpoint_state())
         t_last = time.perf_counter()  # the time of eval and of starting a save is not training throughput
     progress.close()
+    _set_collective_timeout(res.first_step_timeout_s)  # the final eval and export may keep ranks waiting longer
     if handle is not None:
         handle.wait()
     if writer is not None:
@@ -292,6 +322,13 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         summary["plots"] = [str(p) for p in plot_run(cfg.output_dir)]
     _print_summary(say, summary)
     return summary
+
+
+def _set_collective_timeout(seconds: float) -> None:
+    """Bounds tessera's collectives and torch.distributed's own (the loop's all-reduces) by `seconds`."""
+    tessera.set_timeouts(collective_s=seconds)
+    # torch has no public setter for a live group's timeout; _set_pg_timeout is what its own docs point to.
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))
 
 
 def _print_summary(say, s: dict) -> None:

@@ -6,11 +6,20 @@ own NCCL communicator, bootstrapped by sharing an ncclUniqueId through the defau
 The c10d adapter diagnoses ranks out of step: a wait longer than knobs.desync_first_deadline_s compares positions
 with the other ranks through the default c10d Store and raises tessera.DesyncError naming every rank's position
 (TESSERA_DESYNC_CHECK=1 compares every collective before it runs). See csrc/tessera/comm/desync.h.
+
+[Note: init and training timeouts] Joining a group (every rank must start, load, reach init) and the first step
+(allocation, a checkpoint load, warm-up) may take minutes; a steady-state step takes seconds. One timeout for both
+is either too short for the start or far too long for a hung peer later. So `set_timeouts(init_s=...)` bounds the
+creation of communicators (NCCL: every rank joining), and `set_timeouts(collective_s=...)`, called again after the
+first step, caps every collective of every tessera communicator from then on: a stopped or lost peer then fails
+the job within that cap (tessera.CommTimeoutError, naming rank, step, collective and unit), through the watchdog
+that watches every issued collective (csrc/tessera/comm/watchdog.h; NCCL: the communicator is aborted).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 
 import torch
@@ -28,6 +37,42 @@ _nccl_counter = itertools.count()
 # communicators in the same order (the same model is sharded everywhere), so (group name, count) names one
 # communicator identically on every rank: its key prefix in the shared store.
 _pg_counters: dict[str, "itertools.count[int]"] = {}
+# See [Note: init and training timeouts]; applied to communicators made later too.
+_init_timeout_s: float = knobs.DEFAULT_COLLECTIVE_TIMEOUT_S
+_collective_cap_s: float = math.inf
+_step: int = -1
+
+
+def _communicators():
+    for per_group in list(_cache.values()):
+        yield from per_group.values()
+
+
+def set_timeouts(*, init_s: float | None = None, collective_s: float | None = None) -> None:
+    """Sets how long joining a communicator may take (`init_s`, seconds; NCCL: until every rank joined) and a cap
+    on every collective of tessera's communicators from now on (`collective_s`, seconds; math.inf: no cap beyond
+    each call's own timeout, knobs.collective_timeout_s). Both apply to existing and later communicators. Call it
+    again after the first step with the steady-state bound (see [Note: init and training timeouts]). Raises
+    InvalidArgumentError for a value that is not > 0."""
+    global _init_timeout_s, _collective_cap_s
+    for name, value in (("init_s", init_s), ("collective_s", collective_s)):
+        if value is not None and not value > 0:
+            raise InvalidArgumentError(f"tessera.set_timeouts: {name} must be > 0 seconds, got {value}")
+    if init_s is not None:
+        _init_timeout_s = float(init_s)
+    if collective_s is not None:
+        _collective_cap_s = float(collective_s)
+        for comm in _communicators():
+            comm.timeout_cap_s = _collective_cap_s
+
+
+def set_step(step: int) -> None:
+    """Names training step `step` in the timeout and error messages of every tessera communicator (call it at the
+    start of each step; -1: none)."""
+    global _step
+    _step = int(step)
+    for comm in _communicators():
+        comm.step = _step
 
 
 def resolve_group(group):
@@ -66,6 +111,7 @@ def communicator(group, device: torch.device) -> _C.Communicator:
         comm = _nccl_communicator(group, device)
     else:
         raise NotSupportedError(f"parameters on {device} are not supported; expected cpu or cuda")
+    comm.timeout_cap_s, comm.step = _collective_cap_s, _step
     per_group[str(device)] = comm
     return comm
 
@@ -97,4 +143,5 @@ def _nccl_communicator(group, device: torch.device) -> _C.Communicator:
             store.set(key, uid)
         else:
             uid = store.get(key)
-    return _C.nccl_communicator(rank, size, uid, device.index if device.index is not None else 0)
+    return _C.nccl_communicator(rank, size, uid, device.index if device.index is not None else 0,
+                                init_timeout_s=_init_timeout_s)

@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,14 @@ except tessera.CheckpointError as e:
 print("committed after failure:", ckpt.committed_steps(), flush=True)
 train()
 print("trained on after failure", flush=True)
+unwatched = ckpt.save(3, state)  # fails too, and nobody waits for it ...
+while not unwatched.done:
+    time.sleep(0.01)
+try:
+    ckpt.save(4, state)  # ... so the next save must say so instead of dropping the failure
+    print("unwatched failure dropped", flush=True)
+except tessera.CheckpointError as e:
+    print(f"next save raised: {e}", flush=True)
 resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 ckpt.save(2, state).wait()  # the same step again: the failed attempt's leftovers must not be taken for this one
 print("saved again once space returned:", ckpt.committed_steps(), flush=True)

@@ -240,6 +240,7 @@ def test_full_disk_fails_cleanly_and_training_goes_on(tmp_path, world, full_rank
             assert f"rank {full_rank} could not save its part" in out, out
         assert "committed after failure: [1]" in out
         assert "trained on after failure" in out
+        assert "next save raised: checkpoint step 3 was not saved" in out, out  # an unwatched failure is not lost
         assert "saved again once space returned: [2, 1]" in out
         assert "loaded step 2 equal: True" in out
 

@@ -8,9 +8,11 @@
 #include <functional>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "tessera/comm/watchdog.h"
 #include "tessera/core/cuda_device_guard.h"
 #include "tessera/core/status.h"
 
@@ -68,6 +70,9 @@ struct NcclState {
   absl::Mutex mu;
   ncclComm_t comm = nullptr;  // null once aborted
   std::string abort_reason;
+  // Deadlines of the issued groups and the asynchronous-error poll (see [Note: the collective watchdog]); started
+  // once init finished, stopped first in the destructor (its callbacks use this state).
+  std::unique_ptr<Watchdog> watchdog;
 
   std::string Name() const { return absl::StrFormat("NCCL communicator (rank %d of %d, cuda:%d)", rank, size, device); }
 
@@ -84,6 +89,7 @@ struct NcclState {
   }
 
   ~NcclState() {
+    watchdog.reset();
     int previous = -1;
     cudaGetDevice(&previous);
     cudaSetDevice(device);
@@ -253,6 +259,22 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(int r
     return s;
   }
   TESSERA_RETURN_IF_ERROR(WaitForCommReady(*st, init_timeout, "init (waiting for every rank to join)", true));
+  NcclState* raw = st.get();  // the watchdog is stopped before the state goes (~NcclState)
+  st->watchdog = std::make_unique<Watchdog>(
+      st->Name(),
+      [raw]() -> absl::Status {
+        absl::MutexLock lock(&raw->mu);
+        if (raw->comm == nullptr) return absl::OkStatus();  // aborted by a host wait, which reported why
+        ncclResult_t async = ncclSuccess;
+        const ncclResult_t r = ncclCommGetAsyncError(raw->comm, &async);
+        if (r != ncclSuccess) async = r;
+        if (async == ncclSuccess || async == ncclInProgress) return absl::OkStatus();
+        return absl::UnavailableError(NcclStatus(async, raw->comm, "asynchronous NCCL error").message());
+      },
+      [raw](const absl::Status& why) {
+        absl::MutexLock lock(&raw->mu);
+        raw->AbortLocked(absl::Status(why.code(), absl::StrCat(why.message(), "; the communicator was aborted")));
+      });
   return std::unique_ptr<NcclCommunicator>(new NcclCommunicator(std::move(st)));
 }
 
@@ -283,6 +305,11 @@ absl::StatusOr<std::unique_ptr<Work>> NcclCommunicator::Issue(absl::Span<const C
   }
   if (ops.empty()) return std::unique_ptr<Work>(new DoneWork());
 
+  const absl::Duration timeout = EffectiveTimeout(options.timeout);
+  std::string what = ops.size() == 1 ? absl::StrFormat("%s of %d elements (%s)", CollectiveKindName(ops[0].kind),
+                                                       ops[0].input.count, DTypeName(ops[0].input.dtype))
+                                     : absl::StrFormat("a group of %d collectives", ops.size());
+  absl::StrAppend(&what, " on ", Where(options));
   absl::MutexLock lock(&st.mu);
   if (st.comm == nullptr) return st.AbortedError();
   CudaDeviceGuard guard(st.device);
@@ -305,12 +332,23 @@ absl::StatusOr<std::unique_ptr<Work>> NcclCommunicator::Issue(absl::Span<const C
   }
   // Non-blocking: the group's kernels may not be on the stream yet; an event recorded now would complete early.
   if (end == ncclInProgress) {
-    TESSERA_RETURN_IF_ERROR(WaitForCommReady(st, options.timeout, "enqueueing a group", true));
+    TESSERA_RETURN_IF_ERROR(WaitForCommReady(st, timeout, "enqueueing " + what, true));
   }
   cudaEvent_t done = nullptr;
   TESSERA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
-  auto work = std::make_unique<NcclWork>(state_, done, options.stream, options.timeout);
+  auto work = std::make_unique<NcclWork>(state_, done, options.stream, timeout);
   TESSERA_CUDA_RETURN_IF_ERROR(cudaEventRecord(done, st.stream));
+  // The watchdog's own event (the Work's may be destroyed before the group finishes), released by its poll's owner.
+  cudaEvent_t watched = nullptr;
+  TESSERA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&watched, cudaEventDisableTiming));
+  std::shared_ptr<void> event(watched, [](void* e) { cudaEventDestroy(static_cast<cudaEvent_t>(e)); });
+  TESSERA_CUDA_RETURN_IF_ERROR(cudaEventRecord(watched, st.stream));
+  TESSERA_RETURN_IF_ERROR(st.watchdog->Watch(std::move(what), timeout, [event]() -> absl::StatusOr<bool> {
+    const cudaError_t q = cudaEventQuery(static_cast<cudaEvent_t>(event.get()));
+    if (q == cudaSuccess) return true;
+    if (q == cudaErrorNotReady) return false;
+    return CudaStatus(q, "cudaEventQuery", __FILE__, __LINE__);
+  }));
   return std::unique_ptr<Work>(std::move(work));
 }
 

@@ -7,6 +7,9 @@
 // the host inside NCCL: every host-side wait here is a poll of cudaEventQuery / ncclCommGetAsyncError with a
 // deadline. A timeout or an asynchronous NCCL error aborts the communicator (ncclCommAbort also kills its kernels, so
 // the GPU does not hang on a dead peer) and every later call reports it; recovery means building a new communicator.
+// Work::Wait() does not block the host, so host waits alone would never see a collective stuck on the GPU: every
+// issued group is also watched by a Watchdog thread against its deadline, and the same thread polls
+// ncclCommGetAsyncError (see [Note: the collective watchdog] in comm/watchdog.h).
 #pragma once
 
 #include <memory>

@@ -61,6 +61,16 @@ class PgWork final : public Work {
   // Works on CUDA tensors would synchronize the waiter's stream, not the caller's: the adapter is for CPU groups
   // (CUDA parameters use tessera's NCCL communicator).
   absl::StatusOr<bool> WaitSlice(absl::Duration d) {
+    if (!done_) (void)Start();
+    std::unique_lock<std::mutex> lock(done_->mu);
+    if (!done_->cv.wait_for(lock, absl::ToChronoNanoseconds(d), [&] { return done_->finished; })) return false;
+    return Outcome(*done_, what_);
+  }
+
+ public:
+  // Starts the waiter thread (see [Note: waiting on c10d works in slices]) once every work was added; returns the
+  // watchdog's poll of its completion.
+  Watchdog::Poll Start() {
     if (!done_) {
       done_ = std::make_shared<Completion>();
       std::thread([done = done_, works = works_] {
@@ -80,15 +90,24 @@ class PgWork final : public Work {
         done->cv.notify_all();
       }).detach();
     }
-    std::unique_lock<std::mutex> lock(done_->mu);
-    if (!done_->cv.wait_for(lock, absl::ToChronoNanoseconds(d), [&] { return done_->finished; })) return false;
-    if (done_->error) {
+    return [done = done_, what = what_]() -> absl::StatusOr<bool> {
+      std::lock_guard<std::mutex> lock(done->mu);
+      if (!done->finished) return false;
+      return Outcome(*done, what);
+    };
+  }
+
+ private:
+  struct Completion;
+  // A finished completion: true, or its error as a Status. Requires done.mu (or a finished, unshared completion).
+  static absl::StatusOr<bool> Outcome(const Completion& done, const std::string& what) {
+    if (done.error) {
       try {
-        std::rethrow_exception(done_->error);
+        std::rethrow_exception(done.error);
       } catch (const std::exception& e) {
-        return FromException(e, what_);
+        return FromException(e, what);
       } catch (...) {
-        return absl::UnknownError(absl::StrFormat("%s failed with a non-standard exception", what_));
+        return absl::UnknownError(absl::StrFormat("%s failed with a non-standard exception", what));
       }
     }
     return true;
@@ -121,7 +140,12 @@ std::unique_ptr<DesyncMonitor> DisabledMonitor(int rank, int size) {
 
 PgCommunicator::PgCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> group)
     : group_(group), name_("pg:" + group->getBackendName()), rank_(group->getRank()), size_(group->getSize()),
-      monitor_(DisabledMonitor(rank_, size_)) {}
+      monitor_(DisabledMonitor(rank_, size_)),
+      // No abort on failure: a c10d gloo collective cannot be cancelled; the communicator is failed for good.
+      watchdog_(std::make_unique<Watchdog>(absl::StrFormat("communicator %s (rank %d of %d)", name_, rank_, size_),
+                                           nullptr, nullptr)) {}
+
+PgCommunicator::~PgCommunicator() = default;
 
 absl::StatusOr<std::unique_ptr<PgCommunicator>> PgCommunicator::Create(c10::intrusive_ptr<c10d::ProcessGroup> group,
                                                                       DesyncOptions desync) {
@@ -148,24 +172,24 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
                                                             const CollectiveOptions& options) {
   for (const Collective& op : ops) TESSERA_RETURN_IF_ERROR(ValidateCollective(op, size_));
   TESSERA_ASSIGN_OR_RETURN(c10::intrusive_ptr<c10d::ProcessGroup> group, group());
+  TESSERA_RETURN_IF_ERROR(watchdog_->status());  // a collective of this communicator missed its deadline earlier
   if (ops.empty()) return std::unique_ptr<Work>(std::make_unique<DoneWork>());
-  const auto timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(options.timeout));
+  const absl::Duration deadline = EffectiveTimeout(options.timeout);
+  const auto timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(deadline));
   // Counted at issue: every rank numbers its groups the same way as long as they stay in step.
   const Position pos = monitor_->Next(ops, options.tag);
+  const std::string where = Where(options);  // rank, step, tag
   auto describe = [&](const Collective& op) {
-    std::string where = options.tag.empty() ? "" : absl::StrFormat(", %s", options.tag);
-    return absl::StrFormat("%s of %d elements (%s) on rank %d of %d [%s, #%d%s]", CollectiveKindName(op.kind),
-                           op.input.count, DTypeName(op.input.dtype), rank_, size_, backend_name(), pos.seq, where);
+    return absl::StrFormat("%s of %d elements (%s) on %s [%s, #%d]", CollectiveKindName(op.kind), op.input.count,
+                           DTypeName(op.input.dtype), where, backend_name(), pos.seq);
   };
-  TESSERA_RETURN_IF_ERROR(monitor_->CheckAgreement(pos, options.timeout));
-  auto group_work = std::make_unique<PgWork>(
-      monitor_, pos, ops.size() == 1 ? describe(ops[0]) : absl::StrFormat("%s on rank %d of %d [%s, #%d%s]",
-                                                                           pos.signature, rank_, size_,
-                                                                           backend_name(), pos.seq,
-                                                                           options.tag.empty() ? "" : ", " + options.tag),
-      options.timeout);
+  TESSERA_RETURN_IF_ERROR(monitor_->CheckAgreement(pos, deadline));
+  const std::string what =
+      ops.size() == 1 ? describe(ops[0])
+                      : absl::StrFormat("%s on %s [%s, #%d]", pos.signature, where, backend_name(), pos.seq);
+  auto group_work = std::make_unique<PgWork>(monitor_, pos, what, deadline);
   for (const Collective& op : ops) {
-    const std::string what = describe(op);
+    const std::string op_what = describe(op);
     at::Tensor in = torch_rt::TensorFromView(op.input);
     at::Tensor out = torch_rt::TensorFromView(op.output);
     at::Tensor divide_out;
@@ -210,9 +234,12 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
     } catch (const std::exception& e) {
       // Drain what was issued so no buffer is still in use when we return.
       (void)group_work->Wait();
-      return FromException(e, what);
+      return FromException(e, op_what);
     }
   }
+  // The same deadline the NCCL backend's watchdog enforces (see [Note: the collective watchdog]): a group whose
+  // Wait() comes late, or never, still fails the communicator at its deadline, and later calls fail fast with it.
+  TESSERA_RETURN_IF_ERROR(watchdog_->Watch(what, deadline, group_work->Start()));
   return std::unique_ptr<Work>(std::move(group_work));
 }
 

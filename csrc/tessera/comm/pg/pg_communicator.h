@@ -11,6 +11,8 @@
 // ("terminate called without an active exception", seen in 3-rank tests on 2 cores about one run in four).
 // Using the adapter after its group is destroyed is a FailedPrecondition naming the group.
 //
+// Every issued group is also watched by a Watchdog with the same deadline, so a group that is never waited for
+// still fails the communicator at its deadline (see [Note: the collective watchdog] in comm/watchdog.h).
 // Waits past a short first deadline compare positions with the other ranks through a store, so ranks out of step
 // fail at once with every rank's position (see [Note: comparing notes after the first deadline] in comm/desync.h).
 // c10d's Work::wait(timeout) throws on timeout without cancelling the collective, so waits run in slices.
@@ -23,6 +25,7 @@
 
 #include "tessera/comm/communicator.h"
 #include "tessera/comm/desync.h"
+#include "tessera/comm/watchdog.h"
 
 namespace tessera::comm {
 
@@ -30,6 +33,7 @@ class PgCommunicator final : public Communicator {
  public:
   // Without desync diagnosis: waits are plain waits bounded by the collective timeout.
   explicit PgCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> group);
+  ~PgCommunicator() override;
   // With desync diagnosis through `desync.store` (InvalidArgument for bad options; the store's error if it cannot
   // be reached).
   static absl::StatusOr<std::unique_ptr<PgCommunicator>> Create(c10::intrusive_ptr<c10d::ProcessGroup> group,
@@ -52,6 +56,7 @@ class PgCommunicator final : public Communicator {
   int rank_;
   int size_;
   std::shared_ptr<DesyncMonitor> monitor_;  // never null; disabled without a store
+  std::unique_ptr<Watchdog> watchdog_;       // every issued group's deadline (see [Note: the collective watchdog])
 };
 
 }  // namespace tessera::comm
