@@ -73,7 +73,8 @@ class Job:
                                           seed=t.seed)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = tessera.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        self.train_state = {"step": 0, "tokens": 0}
+        # energy_j: joules the job used up to this checkpoint, all attempts (tessera.metrics.energy)
+        self.train_state = {"step": 0, "tokens": 0, "energy_j": 0.0}
         self.per_rank = {"sampler": PerRank(self.sampler), "rng": tessera.checkpoint.RNGState()}
 
     # ---- one optimizer step --------------------------------------------------------------------------------
@@ -206,9 +207,10 @@ def describe(job: Job) -> str:
 def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
     """Runs the job on this rank (collective); returns a summary dict on every rank: steps run, final loss,
     eval_loss before/after, answers before/after, export paths."""
-    from tessera.metrics import MetricsWriter, Progress, mfu, peak_memory_bytes
+    from tessera.metrics import MetricsWriter, Progress, energy, mfu, peak_memory_bytes
 
     rank = dist.get_rank()
+    meter = energy.rank_meter(device)  # this attempt's energy counts from here
     say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     job = Job(cfg, device=device, mixed_precision=mixed_precision, log=say)
     say(describe(job))
@@ -222,6 +224,7 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         e.exit_status = exitcodes.NO_CHECKPOINT
         raise
     start = job.train_state["step"]
+    earlier_j = job.train_state.get("energy_j", 0.0)  # earlier attempts, up to the checkpoint resumed from
     summary: dict = {"resumed_from": resumed}
     if rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -259,6 +262,9 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         m = {"loss": result.loss, "lr": job.opt.param_groups[0]["lr"], "tokens": job.train_state["tokens"],
              "tokens_per_s": tps, "mfu": mfu(flops_per_token, tps, device_name), "grad_norm": result.grad_norm,
              "peak_mem_bytes": peak_memory_bytes(device), "label_tokens": result.label_tokens}
+        if (joules := energy.job_joules(meter, device)) is not None:  # absent, not 0, when unmeasured
+            m["energy_j"] = job.train_state["energy_j"] = earlier_j + joules
+            m["co2_g"] = energy.co2_grams(m["energy_j"], cfg.metrics.pue, cfg.metrics.grid_gco2_per_kwh)
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             m["eval_loss"] = job.evaluate()
             if m["eval_loss"] is not None:
@@ -290,6 +296,9 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         from tessera.metrics import plot_run
 
         summary["plots"] = [str(p) for p in plot_run(cfg.output_dir)]
+    if (joules := energy.job_joules(meter, device)) is not None:
+        summary["energy_kwh"] = (earlier_j + joules) / energy.JOULES_PER_KWH
+        summary["co2_g"] = energy.co2_grams(earlier_j + joules, cfg.metrics.pue, cfg.metrics.grid_gco2_per_kwh)
     _print_summary(say, summary)
     return summary
 
@@ -309,3 +318,9 @@ def _print_summary(say, s: dict) -> None:
         say(f"  exported: {p}")
     if s.get("plots"):
         say(f"  plots: {', '.join(s['plots'])}")
+    if s.get("energy_kwh") is not None:
+        say(f"  energy: {s['energy_kwh']:.6g} kWh (all ranks, all attempts), CO2 {s['co2_g']:.4g} g")
+    else:
+        from tessera.metrics.energy import NOT_MEASURED
+
+        say(f"  {NOT_MEASURED}")
