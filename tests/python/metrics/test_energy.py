@@ -156,13 +156,16 @@ def _demo_cfg(out: Path, steps: int, *extra: str):
     from tessera.recipes.config import load_config
 
     return load_config(str(REPO / "recipes" / "tiny_llama_demo.yaml"),
-                       ["data.seq_len=32", "training.batch_size=2", "training.eval_every=0", "metrics.progress=false",
+                       ["data.seq_len=32", "training.batch_size=2", "training.eval_every=0", "training.eval_batches=1",
+                        "metrics.progress=false",
                         "metrics.tensorboard=false", f"training.steps={steps}", f"output_dir={out}",
                         "metrics.pue=1.2", "metrics.grid_gco2_per_kwh=400", *extra])
 
 
-def _train(rank, world, cfg, zone, summary_file):
-    """Each step, with both ranks stopped at barriers, rank 1 (which must not read the host's packages) advances the
+def _train(rank, world, cfgs, zone, summary_file):
+    """Trains each config in turn (a second one with the same output_dir resumes the first one's checkpoint: both in
+    the same processes, which saves the ranks' imports of torch._dynamo and matplotlib, seconds each on 2 cores).
+    Each step, with both ranks stopped at barriers, rank 1 (which must not read the host's packages) advances the
     fake package counter by STEP_UJ: at the step's energy reading it has advanced exactly once per step so far."""
     import torch.distributed as dist
 
@@ -178,11 +181,14 @@ def _train(rank, world, cfg, zone, summary_file):
         return real_step(self, step)
 
     loop.Job.train_step = step_with_fake_energy
-    summary = loop.train(cfg, device=torch.device("cpu"), mixed_precision=None)
-    if rank == 0:
+    summaries = []
+    for cfg in cfgs:
+        summary = loop.train(cfg, device=torch.device("cpu"), mixed_precision=None)
         lines = []
         loop._print_summary(lines.append, summary)
-        Path(summary_file).write_text(json.dumps({**summary, "lines": lines}, default=str))
+        summaries.append({**summary, "lines": lines, "metrics": _steps(Path(cfg.output_dir))})
+    if rank == 0:
+        Path(summary_file).write_text(json.dumps(summaries, default=str))
 
 
 def _steps(out: Path) -> list[dict]:
@@ -194,14 +200,14 @@ def test_two_ranks_count_the_host_once_and_resume_adds_the_checkpoint(tmp_path, 
     _set(zones["pkg0"], 6_000_000)  # 6.0, 7.5, 9.0, then 0.5 (wrapped), 2.0 J on the counter
     monkeypatch.setenv("TESSERA_POWERCAP_ROOT", str(tmp_path / "fake_powercap"))
     out, summary_file = tmp_path / "run", tmp_path / "summary.json"
-    run_ranks(2, _train, _demo_cfg(out, 2, "checkpoint.every=2"), str(zones["pkg0"]), str(summary_file))
+    cfgs = [_demo_cfg(out, 2, "checkpoint.every=2"), _demo_cfg(out, 4, "checkpoint.every=2")]
+    run_ranks(2, _train, cfgs, str(zones["pkg0"]), str(summary_file))
+    first, s = json.loads(summary_file.read_text())
     # per step 1.5 J from package 0 alone (package 1 did not move; rank 1 counting the host too would double it)
-    assert [(r["step"], r["energy_j"]) for r in _steps(out)] == [(1, 1.5), (2, 3.0)]
-    assert _steps(out)[1]["co2_g"] == pytest.approx(3.0 / 3.6e6 * 1.2 * 400, rel=1e-12)
+    assert [(r["step"], r["energy_j"]) for r in first["metrics"]] == [(1, 1.5), (2, 3.0)]
+    assert first["metrics"][1]["co2_g"] == pytest.approx(3.0 / 3.6e6 * 1.2 * 400, rel=1e-12)
     # resumed from step 2: 3.0 J from the checkpoint, + 1.5 J per step of this attempt (one across the wrap)
-    run_ranks(2, _train, _demo_cfg(out, 4, "checkpoint.every=2"), str(zones["pkg0"]), str(summary_file))
     assert [(r["step"], r["energy_j"]) for r in _steps(out)] == [(1, 1.5), (2, 3.0), (3, 4.5), (4, 6.0)]
-    s = json.loads(summary_file.read_text())
     assert s["resumed_from"] == 2
     assert s["energy_kwh"] == pytest.approx(6.0 / 3.6e6, rel=1e-12)
     assert s["co2_g"] == pytest.approx(6.0 / 3.6e6 * 1.2 * 400, rel=1e-12)
@@ -211,9 +217,9 @@ def test_two_ranks_count_the_host_once_and_resume_adds_the_checkpoint(tmp_path, 
 def test_two_ranks_without_counters_leave_energy_absent(tmp_path, monkeypatch):
     monkeypatch.setenv("TESSERA_POWERCAP_ROOT", str(tmp_path / "no_powercap"))
     out, summary_file = tmp_path / "run", tmp_path / "summary.json"
-    run_ranks(2, _train, _demo_cfg(out, 2), None, str(summary_file))
+    run_ranks(2, _train, [_demo_cfg(out, 2)], None, str(summary_file))
     steps = _steps(out)
     assert len(steps) == 2 and not any("energy_j" in r or "co2_g" in r for r in steps)
-    s = json.loads(summary_file.read_text())
+    (s,) = json.loads(summary_file.read_text())
     assert "energy_kwh" not in s and "co2_g" not in s
     assert f"  {energy.NOT_MEASURED}" in s["lines"]
