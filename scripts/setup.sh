@@ -35,9 +35,11 @@ fi
 # peft: tessera.peft's adapter export is checked by loading it with peft (tests/python/peft).
 # matplotlib, tensorboard, tqdm: tessera.metrics (`tessera plot`'s PNGs, the TensorBoard event file next to
 # metrics.jsonl, and the progress bar of `tessera run`); tests/python/metrics reads the PNGs and events back.
+# nvidia-ml-py (module pynvml): the GPUs' energy counters (tessera.metrics.energy); without a driver it raises
+# NVMLError_LibraryNotFound and the GPU energy is simply not measured.
 .venv/bin/pip install -q numpy pyyaml pytest safetensors "scikit-build-core>=0.10" \
   "transformers>=5.20,<6" "tokenizers>=0.22" "gguf==0.19.0" "tiktoken>=0.7" "sentencepiece>=0.2" protobuf \
-  "peft==0.21.2" "matplotlib>=3.8" "tensorboard>=2.15" "tqdm>=4.60"
+  "peft==0.21.2" "matplotlib>=3.8" "tensorboard>=2.15" "tqdm>=4.60" "nvidia-ml-py>=12.535"
 
 echo "setup: building tessera (C++ core + Python extension) against the installed torch"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}

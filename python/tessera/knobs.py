@@ -105,6 +105,9 @@ class Knobs:
     # Root of tessera's download cache (TESSERA_CACHE_DIR, default ~/.cache/tessera): fetched models live in
     # <cache_dir>/models/<name>/, the pinned files they are built from in <cache_dir>/downloads/.
     cache_dir: Path = field(default_factory=default_cache_dir)
+    # Where the RAPL powercap zones are (TESSERA_POWERCAP_ROOT, default /sys/class/powercap); tests point it at a
+    # fake tree. See tessera/metrics/energy.py.
+    powercap_root: Path = Path("/sys/class/powercap")
 
 
 def load() -> Knobs:
@@ -116,6 +119,7 @@ def load() -> Knobs:
         checkpoint_crash_point=parse_crash_point("TESSERA_CHECKPOINT_CRASH_AT",
                                                  os.environ.get("TESSERA_CHECKPOINT_CRASH_AT", "")),
         cache_dir=_path_env("TESSERA_CACHE_DIR", default_cache_dir()),
+        powercap_root=_path_env("TESSERA_POWERCAP_ROOT", Path("/sys/class/powercap")),
     )
 
 

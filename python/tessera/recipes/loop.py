@@ -78,7 +78,8 @@ class Job:
         self.faults = FaultInjector.from_knobs(rank=self.rank, checkpoint_dir=cfg.checkpoint_dir)
         if self.faults is not None:
             self._arm_faults()
-        self.train_state = {"step": 0, "tokens": 0}
+        # energy_j: joules the job used up to this checkpoint, all attempts (tessera.metrics.energy)
+        self.train_state = {"step": 0, "tokens": 0, "energy_j": 0.0}
         self.per_rank = {"sampler": PerRank(self.sampler), "rng": tessera.checkpoint.RNGState()}
 
     def _arm_faults(self) -> None:
@@ -228,9 +229,10 @@ def describe(job: Job) -> str:
 def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
     """Runs the job on this rank (collective); returns a summary dict on every rank: steps run, final loss,
     eval_loss before/after, answers before/after, export paths."""
-    from tessera.metrics import MetricsWriter, Progress, mfu, peak_memory_bytes
+    from tessera.metrics import MetricsWriter, Progress, energy, mfu, peak_memory_bytes
 
     rank = dist.get_rank()
+    meter = energy.rank_meter(device)  # this attempt's energy counts from here
     say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     res = cfg.resilience
     # See [Note: init and training timeouts] in tessera/shard/comm.py: long until the first step is done.
@@ -248,6 +250,7 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         e.exit_status = exitcodes.NO_CHECKPOINT
         raise
     start = job.train_state["step"]
+    earlier_j = job.train_state.get("energy_j", 0.0)  # earlier attempts, up to the checkpoint resumed from
     summary: dict = {"resumed_from": resumed}
     if rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -288,6 +291,9 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
              "tokens_per_s": tps, "mfu": mfu(flops_per_token, tps, device_name), "grad_norm": result.grad_norm,
              "peak_mem_bytes": peak_memory_bytes(device), "label_tokens": result.label_tokens,
              "time": round(time.time(), 3)}  # wall clock (s since the epoch) at the step's end
+        if (joules := energy.job_joules(meter, device)) is not None:  # absent, not 0, when unmeasured
+            m["energy_j"] = job.train_state["energy_j"] = earlier_j + joules
+            m["co2_g"] = energy.co2_grams(m["energy_j"], cfg.metrics.pue, cfg.metrics.grid_gco2_per_kwh)
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             m["eval_loss"] = job.evaluate()
             if m["eval_loss"] is not None:
@@ -320,6 +326,9 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         from tessera.metrics import plot_run
 
         summary["plots"] = [str(p) for p in plot_run(cfg.output_dir)]
+    if (joules := energy.job_joules(meter, device)) is not None:
+        summary["energy_kwh"] = (earlier_j + joules) / energy.JOULES_PER_KWH
+        summary["co2_g"] = energy.co2_grams(earlier_j + joules, cfg.metrics.pue, cfg.metrics.grid_gco2_per_kwh)
     _print_summary(say, summary)
     return summary
 
@@ -346,3 +355,9 @@ def _print_summary(say, s: dict) -> None:
         say(f"  exported: {p}")
     if s.get("plots"):
         say(f"  plots: {', '.join(s['plots'])}")
+    if s.get("energy_kwh") is not None:
+        say(f"  energy: {s['energy_kwh']:.6g} kWh (all ranks, all attempts), CO2 {s['co2_g']:.4g} g")
+    else:
+        from tessera.metrics.energy import NOT_MEASURED
+
+        say(f"  {NOT_MEASURED}")
