@@ -26,6 +26,8 @@ from tessera import exitcodes
 from tessera.recipes import build, data_sources
 from tessera.recipes.config import JobConfig, dump
 from tessera.recipes.schedule import lr_at
+from tessera.resilience.straggler import StragglerMonitor
+from tessera.shard import waits
 
 
 class PerRank:
@@ -80,7 +82,9 @@ class Job:
 
     def _all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        t0 = time.perf_counter()
         dist.all_reduce(t)
+        waits.add(time.perf_counter() - t0)  # see tessera.resilience.straggler
         return t.tolist()
 
     def _forward_ce_sum(self, batch) -> torch.Tensor:
@@ -247,10 +251,14 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
     handle = None
     result = None
     t_last = time.perf_counter()
+    stragglers = StragglerMonitor.from_config(cfg.resilience, rank=rank, world=job.world, device=device, say=say)
     for step in range(start + 1, t.steps + 1):
+        if stragglers is not None:
+            stragglers.begin_step(step)
         result = job.train_step(step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        found = stragglers.end_step(step) if stragglers is not None else None
         now = time.perf_counter()
         tps = result.tokens / (now - t_last)
         t_last = now
@@ -258,7 +266,7 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         job.train_state["tokens"] += result.tokens
         m = {"loss": result.loss, "lr": job.opt.param_groups[0]["lr"], "tokens": job.train_state["tokens"],
              "tokens_per_s": tps, "mfu": mfu(flops_per_token, tps, device_name), "grad_norm": result.grad_norm,
-             "peak_mem_bytes": peak_memory_bytes(device), "label_tokens": result.label_tokens}
+             "peak_mem_bytes": peak_memory_bytes(device), "label_tokens": result.label_tokens, **(found or {})}
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             m["eval_loss"] = job.evaluate()
             if m["eval_loss"] is not None:
