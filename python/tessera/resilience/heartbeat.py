@@ -18,8 +18,10 @@ With a FileStore (file:// init) every add appends one line to the file (about 30
 for a day add about 10 MB.
 
 The end of a job: a rank that finished sets its counter to "done" (a rank that failed, "failed") before it leaves,
-so a slower peer does not report it as stopped. A peer that failed is reported at once (status 75): on NCCL the
-others would otherwise wait on it until their collective timeout.
+so a slower peer does not report it as stopped. A peer that failed is reported after `timeout_s` (status 75): on
+NCCL the others would otherwise wait on it until their collective timeout; not at once, so that the failed rank's
+own status (say 3, no loadable checkpoint: a restart cannot help) reaches the launcher first, and on gloo the
+others' collectives fail by themselves meanwhile.
 
 A store that fails (the elastic agent that hosts it is gone, rank 0 hosting a TCPStore is stopped) is itself a
 reason to exit 75: a second thread, which never touches the store, ends the process when the heartbeat thread has
@@ -99,7 +101,7 @@ class Heartbeat:
         not report this rank as stopped. A store that fails here is ignored: this rank is leaving anyway."""
         self._stop.set()
         for t in self._threads:
-            t.join()
+            t.join(timeout=self.timeout_s)  # a store call blocked on a lost host must not hold up the exit
         self._threads = []
         try:
             self.store.set(f"{_PREFIX}/{self.rank}", _DONE if finished else _FAILED)
@@ -112,6 +114,7 @@ class Heartbeat:
         own = f"{_PREFIX}/{self.rank}"
         last = {r: None for r in self.watched}  # last counter value seen, and when it changed (monotonic s)
         changed = {r: time.monotonic() for r in self.watched}
+        failed_at: dict[int, float] = {}  # when a watched rank was first seen "failed"
         try:
             while not self._stop.wait(self.interval_s):
                 self.store.add(own, 1)
@@ -120,10 +123,12 @@ class Heartbeat:
                 for r, v in zip(self.watched, values):
                     if v == _DONE:
                         continue
-                    if v == _FAILED:
-                        return self._on_lost(f"tessera: rank {r} ({self._who(r)}) ended with an error (see its "
-                                             f"own message); rank {self.rank} stops too (exit status "
-                                             f"{exitcodes.RESTARTABLE})")
+                    if v == _FAILED:  # see "The end of a job" in the module docstring for the wait
+                        if now - failed_at.setdefault(r, now) >= self.timeout_s:
+                            return self._on_lost(f"tessera: rank {r} ({self._who(r)}) ended with an error (see its "
+                                                 f"own message); rank {self.rank} stops too (exit status "
+                                                 f"{exitcodes.RESTARTABLE})")
+                        continue
                     if v != last[r]:
                         last[r], changed[r] = v, now
                     elif now - changed[r] >= self.timeout_s:

@@ -6,6 +6,8 @@ Joins a gloo group over a FileStore with a 300 s collective timeout, starts tess
           all-reduce, as a real job would, until the heartbeat ends them with status 75).
   finish  rank 0 stops its heartbeat as finished right away and leaves (status 0); the others keep running without
           it for 3 x the heartbeat timeout, then finish (status 0). Nobody may be reported.
+  fail    rank 0 stops its heartbeat as failed and exits 3; rank 1 waits (as on a peer that never answers) and
+          must end with 75 after the heartbeat timeout, naming rank 0.
 Prints "ready" once the heartbeat runs."""
 
 import os
@@ -43,6 +45,14 @@ def main(rank: int, world: int, path: str, scenario: str) -> None:
         beat.stop(finished=True)
         print("finished", flush=True)
         os._exit(0)  # without destroy_process_group: the peers' teardown is not what this test is about
+    if scenario == "fail":
+        dist.barrier()
+        if rank == 0:
+            beat.stop(finished=False)
+            os._exit(3)  # an error of its own (say no loadable checkpoint)
+        time.sleep(3 * TIMEOUT_S)  # stands for a collective that waits on rank 0 forever (NCCL)
+        print("not ended by the heartbeat", flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Heartbeats (tessera.resilience.heartbeat) with real processes: a SIGSTOPped rank is reported by the others within
-the heartbeat timeout (the collective timeout is 300 s), and a rank that finished is not reported."""
+the heartbeat timeout (the collective timeout is 300 s), a rank that finished is not reported, and a rank that
+failed ends the others after the timeout (its own exit status first)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,24 @@ def test_finished_rank_is_not_reported_by_a_slower_one(tmp_path):
         for r, (p, (out, err)) in enumerate(zip(procs, results)):
             assert "has not sent a heartbeat" not in err, (r, err)
             assert p.returncode == 0 and "finished" in out, (r, p.returncode, out, err)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def test_failed_rank_ends_the_others_after_the_timeout_leaving_its_own_status_first(tmp_path):
+    procs = _start(2, "fail", tmp_path)
+    try:
+        out0, err0 = procs[0].communicate(timeout=30)
+        t0 = time.monotonic()
+        out1, err1 = procs[1].communicate(timeout=TIMEOUT_S + 15)
+        waited = time.monotonic() - t0
+        assert procs[0].returncode == 3, (procs[0].returncode, err0)
+        assert procs[1].returncode == exitcodes.RESTARTABLE, (procs[1].returncode, out1, err1)
+        assert f"tessera: rank 0 (host " in err1 and f"pid {procs[0].pid}) ended with an error" in err1, err1
+        assert TIMEOUT_S - 1.5 <= waited <= TIMEOUT_S + 5, waited  # not at once (rank 0's status goes first)
     finally:
         for p in procs:
             if p.poll() is None:
