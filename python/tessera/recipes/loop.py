@@ -258,10 +258,10 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         result = job.train_step(step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        found = stragglers.end_step(step) if stragglers is not None else None
         now = time.perf_counter()
         tps = result.tokens / (now - t_last)
         t_last = now
+        found = stragglers.end_step(step) if stragglers is not None else None  # every window steps: all-gathers
         job.train_state["step"] = step
         job.train_state["tokens"] += result.tokens
         m = {"loss": result.loss, "lr": job.opt.param_groups[0]["lr"], "tokens": job.train_state["tokens"],

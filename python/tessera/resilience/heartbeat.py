@@ -13,7 +13,7 @@ meaningful inside one process.
 Cost: rank r watches its next min(W - 1, WATCH_AT_MOST) ranks (r+1, r+2, ... mod W), so every rank is watched by
 that many others. Per interval each rank makes 2 store round trips (one add, one multi_get of up to WATCH_AT_MOST
 keys), so the store serves 2 W requests and W x min(W - 1, WATCH_AT_MOST) key reads per interval: at W = 1024 and
-the default 2 s interval, 1024 requests/s and 16k key reads/s, where watching everyone would be 524k key reads/s.
+the default 2 s interval, 1024 requests/s and 8k key reads/s, where watching everyone would be 524k key reads/s.
 With a FileStore (file:// init) every add appends one line to the file (about 30 bytes): 8 ranks beating every 2 s
 for a day add about 10 MB.
 
