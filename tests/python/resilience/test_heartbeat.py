@@ -5,7 +5,6 @@ failed ends the others after the timeout (its own exit status first)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
