@@ -8,8 +8,9 @@ RESTARTABLE and give up on the others.
                       the same way
     3   NO_CHECKPOINT checkpoints exist but none of them loads (each is named in the message): a restart cannot help
                       (an error carries this status as its `exit_status` attribute, set where it is known)
-    75  RESTARTABLE   a peer was lost or hung, a collective timed out, the rendezvous or store failed: the job
-                      resumes from its last good checkpoint when started again (75 is EX_TEMPFAIL of sysexits.h)
+    75  RESTARTABLE   a peer was lost or hung (also: its heartbeat stopped, tessera.resilience.heartbeat), a
+                      collective timed out, the rendezvous or store failed: the job resumes from its last good
+                      checkpoint when started again (75 is EX_TEMPFAIL of sysexits.h)
 A rank killed by a signal has no status of its own; its launcher reports 128 + the signal number (137 for SIGKILL),
 which is restartable too.
 """

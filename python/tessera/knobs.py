@@ -181,3 +181,21 @@ def fault_plan_path() -> Path | None:
     moments of named steps, per restart attempt). None (unset): off."""
     raw = os.environ.get("TESSERA_FAULT_PLAN", "")
     return Path(raw) if raw else None
+
+
+def slow_rank() -> tuple[int, float] | None:
+    """Fault injection for tests only (TESSERA_SLOW_RANK=R[:SECONDS], SECONDS default 0.5): in `tessera run`, rank R
+    sleeps SECONDS at the start of every training step, inside the time tessera.resilience.straggler measures, so
+    that rank is logged as a straggler. None (unset): off."""
+    raw = os.environ.get("TESSERA_SLOW_RANK", "")
+    if raw == "":
+        return None
+    rank_s, _, seconds_s = raw.partition(":")
+    try:
+        rank, seconds = int(rank_s), float(seconds_s) if seconds_s else 0.5
+    except ValueError:
+        rank, seconds = -1, -1.0
+    if rank < 0 or not seconds > 0:
+        raise ValueError(f"environment variable TESSERA_SLOW_RANK={raw!r}: expected R[:SECONDS], a rank (a "
+                         "non-negative integer) and seconds > 0, e.g. 1:0.3")
+    return rank, seconds

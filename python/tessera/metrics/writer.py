@@ -80,6 +80,10 @@ def _plain(key: str, value: Any) -> Any:
     """`value` as a JSON-serialisable Python value: 1-element tensors and numpy scalars become numbers."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, (list, tuple)):  # structured records (e.g. "stragglers"): metrics.jsonl only, not TensorBoard
+        return [_plain(key, v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(f"{key}.{k}", v) for k, v in value.items()}
     if hasattr(value, "item"):
         try:
             return _plain(key, value.item())  # a one-element torch tensor or numpy array/scalar
@@ -154,7 +158,8 @@ class MetricsWriter:
         (eval_loss -> eval/loss). Units are the caller's (the loop logs loss in nats/token, lr, tokens (count),
         tokens_per_s, mfu (fraction in [0, 1]), grad_norm, peak_mem_bytes (bytes), eval_loss, eval_ppl).
         Raises InvalidArgumentError for a step below the last one logged, a "step" key in metrics, or a value
-        that is not a number, string, one-element tensor or None. Does nothing on ranks other than 0."""
+        that is not a number, string, one-element tensor, None, or a list or dict of those (written to metrics.jsonl
+        only). Does nothing on ranks other than 0."""
         if not self.enabled:
             return
         if self._file is None:

@@ -27,6 +27,7 @@ from tessera import exitcodes, knobs
 from tessera.errors import InvalidArgumentError, TesseraError
 from tessera.process import end_failed_rank, end_spawned_rank
 from tessera.recipes.config import JobConfig
+from tessera.resilience import heartbeat
 
 
 def resolve_device(cfg: JobConfig) -> str:
@@ -70,23 +71,32 @@ def _rank_main(rank: int, world: int, device_type: str, init_file: str | None, c
         device = torch.device("cpu")
         backend, kw = "gloo", {}
     kw["timeout"] = datetime.timedelta(seconds=cfg.resilience.init_timeout_s)  # tightened after the first step
+    # The store is built here (public torch.distributed.rendezvous, as init_process_group would) so that the heartbeat
+    # uses the very store the group is built on.
     if init_file:
-        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world, **kw)
+        store = next(dist.rendezvous(f"file://{init_file}", rank, world))[0]
     elif (w := knobs.elastic_worker()) is not None:
         # [Note: one store prefix per restart] The agent's store outlives a failed group: seen here, a restarted
         # group's gloo ranks read the previous attempt's listening addresses from it and failed with "Connection
         # refused" until the restarts ran out. Keys under a prefix of the restart count cannot be stale.
         store = dist.PrefixStore(f"tessera/attempt_{w.restart_count}",
                                  dist.TCPStore(w.master_addr, w.master_port, w.world_size, is_master=False))
-        dist.init_process_group(backend, store=store, rank=w.rank, world_size=w.world_size, **kw)
+        rank, world = w.rank, w.world_size
     else:  # torchrun without the agent's store: rank and world size from its environment
-        dist.init_process_group(backend, **kw)
+        store, rank, world = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, **kw)
     if device_type == "cpu":  # the machine's cores shared by the ranks on it (all of them, without torchrun)
         local = knobs.torchrun_local_world_size() if not init_file else world
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    beat = heartbeat.start(store, rank, world, cfg.resilience)
+    finished = False
     try:
-        return train(cfg, device=device, mixed_precision=mixed_precision(cfg, device_type))
+        summary = train(cfg, device=device, mixed_precision=mixed_precision(cfg, device_type))
+        finished = True
+        return summary
     finally:
+        if beat is not None:
+            beat.stop(finished=finished)
         dist.destroy_process_group()
 
 

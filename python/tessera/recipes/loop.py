@@ -28,6 +28,8 @@ from tessera.recipes import build, data_sources
 from tessera.recipes.config import JobConfig, dump
 from tessera.recipes.faults import FaultInjector
 from tessera.recipes.schedule import lr_at
+from tessera.resilience.straggler import StragglerMonitor
+from tessera.shard import waits
 
 
 class PerRank:
@@ -100,7 +102,9 @@ class Job:
 
     def _all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        t0 = time.perf_counter()
         dist.all_reduce(t)
+        waits.add(time.perf_counter() - t0)  # see tessera.resilience.straggler
         return t.tolist()
 
     def _forward_ce_sum(self, batch) -> torch.Tensor:
@@ -276,7 +280,10 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
     handle = None
     result = None
     t_last = time.perf_counter()
+    stragglers = StragglerMonitor.from_config(cfg.resilience, rank=rank, world=job.world, device=device, say=say)
     for step in range(start + 1, t.steps + 1):
+        if stragglers is not None:
+            stragglers.begin_step(step)
         result = job.train_step(step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -285,12 +292,13 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         t_last = now
         if step == start + 1:  # the first step of this attempt is done: steady-state bounds from now on
             _set_collective_timeout(res.collective_timeout_s)
+        found = stragglers.end_step(step) if stragglers is not None else None  # every window steps: all-gathers
         job.train_state["step"] = step
         job.train_state["tokens"] += result.tokens
         m = {"loss": result.loss, "lr": job.opt.param_groups[0]["lr"], "tokens": job.train_state["tokens"],
              "tokens_per_s": tps, "mfu": mfu(flops_per_token, tps, device_name), "grad_norm": result.grad_norm,
              "peak_mem_bytes": peak_memory_bytes(device), "label_tokens": result.label_tokens,
-             "time": round(time.time(), 3)}  # wall clock (s since the epoch) at the step's end
+             "time": round(time.time(), 3), **(found or {})}  # time: wall clock (s since the epoch) at the step's end
         if (joules := energy.job_joules(meter, device)) is not None:  # absent, not 0, when unmeasured
             m["energy_j"] = job.train_state["energy_j"] = earlier_j + joules
             m["co2_g"] = energy.co2_grams(m["energy_j"], cfg.metrics.pue, cfg.metrics.grid_gco2_per_kwh)

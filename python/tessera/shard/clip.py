@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from time import perf_counter
+
 import torch
 import torch.nn as nn
 
 from tessera import _C, knobs
 from tessera.errors import InvalidArgumentError, NotSupportedError
+from tessera.shard import waits
 from tessera.shard.state_dict import units_in
 
 
@@ -30,7 +33,9 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) 
     sq = _C.squared_norm(sharded, stream) if sharded else torch.zeros(1, device=device)
     sq = sq.to(torch.float64)
     if sharded and comm.size > 1:
+        t0 = perf_counter()
         comm.all_reduce_(sq, "sum", timeout_s=knobs.load().collective_timeout_s, stream=stream)
+        waits.add(perf_counter() - t0)
     if replicated:
         sq += _C.squared_norm(replicated, stream).to(torch.float64)
     total = sq.sqrt().to(torch.float32).reshape(())

@@ -20,6 +20,7 @@ See [Note: activation checkpointing] and [Note: every backward pass reduces] in 
 from __future__ import annotations
 
 import weakref
+from time import perf_counter
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ from torch.autograd.graph import register_multi_grad_hook
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tessera import _C
+from tessera.shard import waits
 from tessera.shard.types import ShardingStrategy
 
 _UNIT_ATTR = "_tessera_unit"
@@ -81,8 +83,10 @@ class _Root:
         self._end = self.end_of_backward  # one bound method, queued once per backward pass
 
     def end_of_backward(self) -> None:
+        t0 = perf_counter()
         for i in self.schedule.end_of_backward(self.units[0].stream):
             self.units[i]._use(sharded=True)
+        waits.add(perf_counter() - t0)
 
 
 class _PostBackward(torch.autograd.Function):
@@ -228,7 +232,9 @@ class UnitRuntime:
 
     def _pre_forward(self, module, args, kwargs):
         root = self.root if self.root is not None else _Root(self)  # the first unit to run forward is the root
+        t0 = perf_counter()
         recompute, abandoned = root.schedule.pre_forward(self.index, _in_backward(), self.stream)
+        waits.add(perf_counter() - t0)
         if abandoned:
             for unit in root.units:
                 unit._use(sharded=True)
@@ -257,12 +263,16 @@ class UnitRuntime:
 
     def _pre_backward(self, _grad) -> None:
         root = self.root
+        t0 = perf_counter()
         if root.schedule.pre_backward(self.index, self.stream):
             torch.autograd.Variable._execution_engine.queue_callback(root._end)
+        waits.add(perf_counter() - t0)
         # Backward may run this unit's forward again (activation checkpointing around the unit): the recomputation
         # must see the full parameters, as FSDP2 does; post_backward swaps the shards back in.
         self._use(sharded=False)
 
     def post_backward(self) -> None:
+        t0 = perf_counter()
         self.root.schedule.post_backward(self.index, self.stream)
+        waits.add(perf_counter() - t0)
         self._use(sharded=True)
