@@ -167,7 +167,14 @@ def test_sbatch_job_survives_a_killed_task_and_a_requeue_bit_identical(tmp_path)
             capture_output=True, text=True, timeout=30)
         assert submitted.returncode == 0, submitted.stderr
         job_id = submitted.stdout.strip().split(";")[0]
-        last_step = lambda: max([m["step"] for m in _steps(out) if "loss" in m] or [0])  # noqa: E731
+
+        def last_step() -> int:  # the newest trained step; fails at once if the job has ended
+            info = cluster.job(job_id)
+            if info.get("JobState") not in ("PENDING", "CONFIGURING", "RUNNING"):
+                raise AssertionError(f"job {job_id} ended early: JobState={info.get('JobState')} ExitCode="
+                                     f"{info.get('ExitCode')}\n{job_out.read_text()[-3000:]}")
+            return max([m["step"] for m in _steps(out) if "loss" in m] or [0])
+
         # Fault 1: SIGKILL of one task's rank at step >= 4; the step ends (--kill-on-bad-exit) and is retried.
         cluster.wait_for(lambda: last_step() >= 4 and len(_rank_pids(out)) == 2, 60, "step 4 of the job")
         killed = _rank_pids(out)[1]
