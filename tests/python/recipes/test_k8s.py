@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tessera.errors import InvalidArgumentError
 from tessera.recipes import k8s
 
 REPO = Path(__file__).resolve().parents[3]
@@ -165,11 +166,11 @@ def test_pods_run_the_recipe_under_torchrun_with_restarts_and_a_checkpoint_pvc(k
 
 
 def test_bad_input_is_rejected_with_the_reason(tmp_path):
-    with pytest.raises(Exception, match="training.stepz"):
+    with pytest.raises(InvalidArgumentError, match="training.stepz"):
         k8s.render(str(REPO / RECIPE), ["training.stepz=3"], kind="jobset", image="i", nodes=1, nproc_per_node=1)
-    with pytest.raises(Exception, match="--kind must be one of pytorchjob, jobset, got 'mpijob'"):
+    with pytest.raises(InvalidArgumentError, match="--kind must be one of pytorchjob, jobset, got 'mpijob'"):
         k8s.render(str(REPO / RECIPE), [], kind="mpijob", image="i", nodes=1, nproc_per_node=1)
-    with pytest.raises(Exception, match="nodes and nproc-per-node must be > 0"):
+    with pytest.raises(InvalidArgumentError, match="nodes and nproc-per-node must be > 0"):
         k8s.render(str(REPO / RECIPE), [], kind="jobset", image="i", nodes=0, nproc_per_node=1)
     assert k8s.job_name("recipes/Llama3.1_8B lora.yaml") == "llama3-1-8b-lora"
 
