@@ -161,12 +161,9 @@ def test_sbatch_job_survives_a_killed_task_and_a_requeue_bit_identical(tmp_path)
     out, job_out = tmp_path / "slurm_run", tmp_path / "job.out"
     try:
         cluster.start()
-        submitted = subprocess.run(
-            ["sbatch", "--parsable", "--ntasks=2", f"--output={job_out}", f"--chdir={tmp_path}", str(SBATCH),
-             *COMMON, f"output_dir={out}"], env={**cluster.env, "PYTHON": sys.executable, "MAX_TRIES": "3"},
-            capture_output=True, text=True, timeout=30)
-        assert submitted.returncode == 0, submitted.stderr
-        job_id = submitted.stdout.strip().split(";")[0]
+        cluster.env.update(PYTHON=sys.executable, MAX_TRIES="3")  # the script's variables; jobs inherit them
+        job_id = cluster.slurm("sbatch", "--parsable", "--ntasks=2", f"--output={job_out}", f"--chdir={tmp_path}",
+                               str(SBATCH), *COMMON, f"output_dir={out}").strip().split(";")[0]
 
         def last_step() -> int:  # the newest trained step; fails at once if the job has ended
             info = cluster.job(job_id)
@@ -191,15 +188,25 @@ def test_sbatch_job_survives_a_killed_task_and_a_requeue_bit_identical(tmp_path)
         info, log = cluster.job(job_id), job_out.read_text()
         assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
             f"{info}\n{log[-3000:]}\n{cluster.logs()}"
+        # A status a restart cannot help (2: bad input) ends the job after one attempt, with that status.
+        bad_out = tmp_path / "bad.out"
+        bad = cluster.slurm("sbatch", "--parsable", "--ntasks=2", f"--output={bad_out}", str(SBATCH), *COMMON,
+                            "data.source=/nope.jsonl", f"output_dir={tmp_path / 'bad'}").strip().split(";")[0]
+        cluster.wait_for(lambda: cluster.job(bad).get("JobState") not in ("PENDING", "CONFIGURING", "RUNNING"), 60,
+                         "the bad job to end")
+        bad_info, bad_log = cluster.job(bad), bad_out.read_text()
+        assert (bad_info["JobState"], bad_info["ExitCode"]) == ("FAILED", "2:0"), f"{bad_info}\n{bad_log[-2000:]}"
+        assert "attempt 1 failed with status 2, which a restart cannot help" in bad_log, bad_log[-2000:]
+        assert "attempt 2" not in bad_log and "/nope.jsonl does not exist" in bad_log, bad_log[-2000:]
     finally:
         cluster.stop()
         for pid in _rank_pids(out):  # none should be left; if one is, it is this test's
             os.kill(pid, signal.SIGKILL)
     ref_out, _ = ref.communicate(timeout=120)
     assert ref.returncode == 0, ref_out[-3000:]
-    # The script's own account: attempt 1 failed restartably (137: the killed task, or 143: its peer's SIGTERM),
+    # The script's own account: attempt 1 failed restartably (137: the killed task's status, not its peer's 143),
     # attempt 2 resumed; after the requeue (SLURM_RESTART_COUNT=1) the first attempt resumed and finished.
-    assert re.search(r"attempt 1 failed with restartable status (137|143)", log), log[-3000:]
+    assert "attempt 1 failed with restartable status 137;" in log, log[-3000:]
     assert f"job {job_id} requeue 0 attempt 2/3" in log and f"job {job_id} requeue 1 attempt 1/3" in log, log[-3000:]
     assert log.count("resumed from checkpoint step") == 2 and log.rstrip().endswith("attempt 1 finished"), log[-3000:]
     ports = re.findall(r"MASTER_PORT=(\d+)", log)
