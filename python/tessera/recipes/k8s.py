@@ -57,8 +57,8 @@ def _pod_spec(command: list[str], *, image: str, container: str, gpus: int, pvc:
 
 
 def render(recipe: str, overrides: list[str] | tuple[str, ...] = (), *, kind: str, image: str, nodes: int,
-           nproc_per_node: int, max_restarts: int = 3, pvc: str = "tessera-checkpoints", gpus_per_node: int | None = None,
-           name: str | None = None) -> dict:
+           nproc_per_node: int, max_restarts: int = 3, pvc: str = "tessera-checkpoints",
+           gpus_per_node: int | None = None, name: str | None = None) -> dict:
     """The manifest (a dict, dumped as YAML by `to_yaml`) that runs `tessera run RECIPE OVERRIDES` on `nodes` pods of
     `nproc_per_node` ranks each (and `gpus_per_node` GPUs, default `nproc_per_node`; 0: none requested). The recipe
     path is the one inside the image; the recipe is loaded here, with the overrides, so a bad one fails now."""

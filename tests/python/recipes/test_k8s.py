@@ -8,10 +8,11 @@ schemas here are built from the closest thing the registries have, the SDKs gene
   rejects None gives `required`;
 - JobSet: kubeflow-trainer-api 2.3.0's pydantic models (JobsetV1alpha2JobSet, with the core/v1 types it embeds):
   pydantic's `model_json_schema(by_alias=True)`.
-resource.Quantity is replaced by the CRDs' int-or-string. Both are made strict (`additionalProperties: false` on every object), as the API server's structural-schema pruning
-would silently drop an unknown field. Not checked: CEL/enum/format rules of the real CRDs (e.g. restartPolicy's
-allowed values, DNS-1123 names beyond what the renderer does itself), defaulting and webhooks, and whether a cluster
-with the operators accepts and runs them (no cluster here)."""
+resource.Quantity is replaced by the CRDs' int-or-string. Both are made strict (`additionalProperties: false` on
+every object), as the API server's structural-schema pruning would silently drop an unknown field. Not checked:
+CEL/enum/format rules of the real CRDs (e.g. restartPolicy's allowed values, DNS-1123 names beyond what the renderer
+does itself), defaulting and webhooks, and whether a cluster with the operators accepts and runs them (no cluster
+here)."""
 
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ def _pytorchjob_schema() -> dict:
     training_models = pytest.importorskip("kubeflow.training.models")
     core_models = pytest.importorskip("kubernetes.client.models")
     defs: dict[str, dict] = {}
-    primitives = {"Quantity": QUANTITY, "str": {"type": "string"}, "int": {"type": "integer"}, "bool": {"type": "boolean"},
-                  "float": {"type": "number"}, "object": {}, "datetime": {"type": "string"}, "date": {"type": "string"}}
+    primitives = {"Quantity": QUANTITY, "str": {"type": "string"}, "int": {"type": "integer"},
+                  "bool": {"type": "boolean"}, "float": {"type": "number"}, "object": {},
+                  "datetime": {"type": "string"}, "date": {"type": "string"}}
 
     def ref(t: str) -> dict:
         if t in primitives:
@@ -160,7 +162,8 @@ def test_pods_run_the_recipe_under_torchrun_with_restarts_and_a_checkpoint_pvc(k
     cfg = load_config(run[1], run[2:])
     assert cfg.parallelism.world_size == 12 and cfg.model.hf_dir == "/m"
     mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}
     assert cfg.output_dir.startswith(mounts["checkpoints"] + "/") and claims == {"checkpoints": "tessera-checkpoints"}
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
 
