@@ -10,6 +10,8 @@
     tessera generate MODEL --prompt TEXT [...]   continue a prompt with a model (HF dir or checkpoint)
     tessera plot OUTPUT_DIR [--out DIR]         PNG plots of a run's metrics.jsonl; prints their paths
     tessera doctor [--device cpu|cuda] [--nproc N] [--quick] [...]   health checks of the ranks (tessera.doctor)
+    tessera k8s RECIPE.yaml [key=value ...] --kind pytorchjob|jobset --image IMG --nodes N --nproc-per-node G [-o FILE]
+                                                a Kubeflow PyTorchJob or JobSet manifest (tessera.recipes.k8s)
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output_dir", help="the run's output directory (holds metrics.jsonl)")
     p.add_argument("--out", help="where the PNGs go (default: OUTPUT_DIR/plots)")
     _add_doctor_parser(sub)
+    _add_k8s_parser(sub)
     ns = parser.parse_args(argv)
     if ns.command == "doctor":
         return _doctor(ns)
+    if ns.command == "k8s":
+        return _k8s(ns)
     if ns.command == "plot":
         return _plot(ns)
     if ns.command == "fetch":
@@ -132,6 +137,46 @@ def _doctor(ns) -> int:
     except TesseraError as e:
         print(f"tessera: error: {e}", file=sys.stderr)
         return 2
+
+
+# ---- tessera k8s -----------------------------------------------------------------------------------------------
+
+def _add_k8s_parser(sub) -> None:
+    p = sub.add_parser("k8s", help="a Kubernetes manifest (Kubeflow PyTorchJob or JobSet) that runs a recipe")
+    p.add_argument("args", nargs="+", help="RECIPE.yaml (its path inside the image) followed by key=value overrides")
+    p.add_argument("--kind", choices=("pytorchjob", "jobset"), required=True)
+    p.add_argument("--image", required=True, help="container image with tessera installed")
+    p.add_argument("--nodes", type=int, required=True, help="pods, one per node")
+    p.add_argument("--nproc-per-node", type=int, required=True, help="ranks per pod (one per GPU)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs each pod requests (default: --nproc-per-node; 0: none)")
+    p.add_argument("--max-restarts", type=int, default=3, help="group restarts by torchrun, and restarts of the "
+                   "workload (PyTorchJob backoffLimit, JobSet failurePolicy.maxRestarts)")
+    p.add_argument("--pvc", default="tessera-checkpoints", help="PersistentVolumeClaim for output_dir and checkpoints")
+    p.add_argument("--name", help="the job's name (default: from the recipe's file name)")
+    p.add_argument("-o", "--output", help="write the manifest here (default: stdout)")
+
+
+def _k8s(ns) -> int:
+    """Exit status 0, or 2 for a bad recipe or arguments."""
+    from tessera.recipes import k8s
+
+    recipe, overrides = ns.args[0], ns.args[1:]
+    try:
+        manifest = k8s.render(recipe, overrides, kind=ns.kind, image=ns.image, nodes=ns.nodes,
+                              nproc_per_node=ns.nproc_per_node, max_restarts=ns.max_restarts, pvc=ns.pvc,
+                              gpus_per_node=ns.gpus_per_node, name=ns.name)
+    except TesseraError as e:
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return 2
+    text = k8s.to_yaml(manifest, "rendered by: tessera k8s " + " ".join(
+        [*ns.args, "--kind", ns.kind, "--image", ns.image, "--nodes", str(ns.nodes), "--nproc-per-node",
+         str(ns.nproc_per_node), "--max-restarts", str(ns.max_restarts)]))
+    if ns.output:
+        with open(ns.output, "w") as f:
+            f.write(text)
+    else:
+        print(text, end="")
+    return 0
 
 
 # ---- tessera generate ------------------------------------------------------------------------------------------
