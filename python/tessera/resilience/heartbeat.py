@@ -39,27 +39,19 @@ import time
 from typing import Callable
 
 from tessera import exitcodes
+from tessera.process import end_failed_rank
 
 WATCH_AT_MOST = 16  # successors each rank watches; see the cost in the module docstring
 _PREFIX = "tessera/heartbeat"
 _DONE, _FAILED = b"done", b"failed"
 
 
-def _exit_now(status: int) -> None:
-    """Ends this process at once with `status`, after flushing its output.
-
-    Why os._exit from a helper thread: when a peer stops, the main thread is usually blocked inside a collective
-    (C++ with the GIL released) that returns only at its timeout. sys.exit in a thread ends only that thread;
-    _thread.interrupt_main and signal handlers run only when the main thread gets back to Python bytecode, which is
-    exactly what it cannot do. os._exit skips exit hooks and finalizers: an in-flight checkpoint save is abandoned
-    uncommitted (the commit protocol never exposes it), and the restarted job resumes from the last committed one.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(status)
+# Why os._exit (tessera.process.end_failed_rank) from a helper thread: when a peer stops, the main thread is usually
+# blocked inside a collective (C++ with the GIL released) that returns only at its timeout. sys.exit in a thread ends
+# only that thread; _thread.interrupt_main and signal handlers run only when the main thread gets back to Python
+# bytecode, which is exactly what it cannot do. os._exit skips exit hooks and finalizers: an in-flight checkpoint save
+# is abandoned uncommitted (the commit protocol never exposes it), and the restarted job resumes from the last
+# committed one.
 
 
 class Heartbeat:
@@ -175,7 +167,7 @@ class Heartbeat:
     @staticmethod
     def _report_and_exit(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
-        _exit_now(exitcodes.RESTARTABLE)
+        end_failed_rank(exitcodes.RESTARTABLE)
 
 
 def start(store, rank: int, world: int, resilience) -> Heartbeat | None:
