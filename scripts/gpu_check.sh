@@ -10,7 +10,11 @@
 #           needs .gpu_inputs/ (made here by scripts/fetch_gpu_inputs.sh, carried): smollm2-tok/ (config.json +
 #           tokenizer files) and cache/data/chatterbot-corpus
 #           (a copy of ~/.cache/tessera/data/chatterbot-corpus), since that machine has no network.
-# Usage: scripts/gpu_check.sh [cpp] [python] [bench] [recipe]     (no argument: cpp python bench, in that order)
+#   resilience  the NCCL watchdog test (nccl_watchdog_test: a world-size-1 collective held past its deadline by
+#           work on its stream is reported and aborted) and `tessera doctor` on the GPU (GEMM, memory test, H2D/D2H,
+#           NCCL busbw, NVML); needs the python step's install (and build-gpu/ from the cpp step for the C++ test)
+# Usage: scripts/gpu_check.sh [cpp] [python] [bench] [recipe] [resilience]
+#        (no argument: cpp python bench, in that order)
 #   CPP_TARGETS="cuda_kernels_test comm_test"  builds only those targets (default: all);
 #   CTEST_REGEX="Cuda|Nccl"                   runs only the matching tests (default: all);
 #   BENCH_ARGS="--skip-checkpoint"            passes arguments to gpu_bench.py;
@@ -151,6 +155,12 @@ recipe_bench() {
     --world 1 --model-dir "$RECIPE_MODEL" --batch 8 --seq 1024 --steps 10 --warmup 3 --out "$LOG_DIR/sft_gpu.md"
 }
 
+resilience_watchdog() { ./build-gpu/tests/cpp/nccl_watchdog_test; }
+resilience_doctor() {
+  PYTHONUNBUFFERED=1 "$PYTHON" -m tessera doctor --device cuda --checkpoint-dir /tmp/tessera-doctor \
+    --json "$LOG_DIR/doctor.json"
+}
+
 # ---- run -----------------------------------------------------------------------------------------------------------
 run_step environment environment
 for step in "${STEPS[@]}"; do
@@ -186,8 +196,16 @@ for step in "${STEPS[@]}"; do
         if [[ "${RECIPE_BENCH:-1}" == 1 ]]; then run_step recipe-bench recipe_bench; fi
       fi
       ;;
+    resilience)
+      if [[ -x build-gpu/tests/cpp/nccl_watchdog_test ]]; then
+        run_step resilience-watchdog resilience_watchdog
+      else
+        skip_step resilience-watchdog "build-gpu/tests/cpp/nccl_watchdog_test is missing (run the cpp step first)"
+      fi
+      run_step resilience-doctor resilience_doctor
+      ;;
     *)
-      echo "unknown step '$step' (expected cpp, python, bench or recipe)" >&2
+      echo "unknown step '$step' (expected cpp, python, bench, recipe or resilience)" >&2
       exit 2
       ;;
   esac

@@ -7,6 +7,7 @@ bash scripts/setup.sh
 if command -v ccache >/dev/null; then  # as in scripts/setup.sh
   export CMAKE_C_COMPILER_LAUNCHER=${CMAKE_C_COMPILER_LAUNCHER:-ccache} CMAKE_CXX_COMPILER_LAUNCHER=${CMAKE_CXX_COMPILER_LAUNCHER:-ccache}
   export CMAKE_CUDA_COMPILER_LAUNCHER=${CMAKE_CUDA_COMPILER_LAUNCHER:-ccache}
+  export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$PWD}  # paths relative to the clone: another clone's build hits the cache
 fi
 
 echo "== C++ tests (ctest; the Google Benchmark programs in benchmarks/cpp are built too, so they keep compiling)"
