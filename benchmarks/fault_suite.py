@@ -8,9 +8,9 @@ to an uninterrupted run (the HF export and the adapter, every tensor) with every
 
 Measured, per fault (tessera.recipes.faults logs the moment each fires; torch's elastic agent logs when it tears the
 group down; metrics.jsonl has each step's wall-clock end):
-- detection latency: fault -> the agent starting to stop the group ("Sending process ... closing signal").
-- restart time: that -> the first training step finished after the resume (process start, init, checkpoint load and
-  one step).
+- detection latency: fault -> the agent logging the failed worker group ("failed (exitcode: ...)").
+- restart time: that -> the first training step of the next attempt finished (process start, init, checkpoint load
+  and one step; rank 0 logs it).
 - effective training time: steps x the uninterrupted run's mean step time / the faulty run's wall time (the
   uninterrupted run's own ratio is given too: start-up and the final export are not training either).
 There is no peer run: torch ships the elastic agent (used here) but no training loop that resumes by itself to
@@ -34,8 +34,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SAVE_POINTS = ("after_data", "after_index", "before_manifest", "after_manifest", "after_rename")
-AGENT_TEARDOWN = re.compile(r"^[IWE](\d{4}) (\d\d:\d\d:\d\d\.\d+) .*closing signal", re.M)
+LOAD_AT_START = os.getloadavg()[0]
+from tessera.recipes.faults import RANK0_SAVE_POINTS, SAVE_POINTS  # noqa: E402
+# torch's elastic agent logs a failed worker group as "E1130 01:12:03.123000 PID .../api.py:986] failed (exitcode:".
+AGENT_DETECTED = re.compile(r"^[IWE](\d{4}) (\d\d:\d\d:\d\d\.\d+) .*\] failed \(exitcode:", re.M)
 
 
 def recipe(steps: int, every_ckpt: int) -> list[str]:
@@ -50,7 +52,7 @@ def make_plan(rng: random.Random, steps: int, every: int) -> list[dict]:
     """One fault per attempt at steps every, 2*every, ...; mostly kills at random moments, with one stop, one full
     disk and one corrupted checkpoint per run."""
     at_steps = list(range(every, steps, every))
-    specials = rng.sample(range(len(at_steps)), k=min(3, len(at_steps)))
+    specials = rng.sample(range(1, len(at_steps)), k=min(3, len(at_steps) - 1))  # not attempt 0: see "load" below
     plan = []
     for i, step in enumerate(at_steps):
         rank = rng.randrange(2)
@@ -61,10 +63,13 @@ def make_plan(rng: random.Random, steps: int, every: int) -> list[dict]:
         elif len(specials) > 2 and i == specials[2]:
             f = {"kind": "corrupt", "at": rng.choice(["forward", "backward", "optimizer"])}
         else:
-            at = rng.choice(["forward", "backward", "optimizer", "save", "load"])
+            # A load needs a checkpoint at the attempt's start: attempts 0 and 1 may have none yet.
+            at = rng.choice(["forward", "backward", "optimizer", "save"] + (["load"] if i >= 2 else []))
             f = {"kind": "kill", "at": at}
             if at == "save":
                 f["point"] = rng.choice(SAVE_POINTS)
+                if f["point"] in RANK0_SAVE_POINTS:
+                    rank = 0  # only rank 0 commits
         plan.append({"attempt": i, "rank": rank, "step": step, **f})
     return plan
 
@@ -80,11 +85,11 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
 
 
-def agent_teardowns(stderr: str) -> list[float]:
-    """Epoch seconds of the agent's "closing signal" log lines (torch's glog-style prefix, local time, no year)."""
+def agent_detections(stderr: str) -> list[float]:
+    """Epoch seconds of the agent's "failed (exitcode" log lines (torch's glog-style prefix, local time, no year)."""
     year = datetime.datetime.now().year
     times = []
-    for mmdd, hms in AGENT_TEARDOWN.findall(stderr):
+    for mmdd, hms in AGENT_DETECTED.findall(stderr):
         t = datetime.datetime.strptime(f"{year}{mmdd} {hms[:15]}", "%Y%m%d %H:%M:%S.%f")
         times.append(t.timestamp())
     return sorted(set(round(t, 1) for t in times))
@@ -121,15 +126,16 @@ def one_run(work: Path, steps: int, every: int, ckpt_every: int, seed: int, ref:
     out = work / f"faulty_every{every}"
     res, wall = run([*recipe(steps, ckpt_every), f"output_dir={out}", "--nproc", "2", "--max-restarts",
                      str(len(plan) + 2)], env={"TESSERA_FAULT_PLAN": str(plan_file)})
-    fired = [json.loads(line) for line in Path(f"{plan_file}.fired.jsonl").read_text().splitlines()]
-    teardowns = agent_teardowns(res.stderr)
-    times = [m["time"] for m in metrics(out) if "time" in m] if (out / "metrics.jsonl").exists() else []
+    log = [json.loads(line) for line in Path(f"{plan_file}.fired.jsonl").read_text().splitlines()]
+    fired = [e for e in log if "kind" in e]
+    first_step = {e["attempt"]: e["time"] for e in log if e.get("event") == "first_step"}
+    detections = agent_detections(res.stderr)
     rows = []
     for f in fired:
-        detect = next((t for t in teardowns if t >= f["time"] - 0.05), None)
-        resumed = next((t for t in times if detect is not None and t > detect), None)
+        detect = next((t for t in detections if t >= f["time"] - 0.05), None)
+        resumed = first_step.get(f["attempt"] + 1)
         rows.append({**f, "detect_s": None if detect is None else max(0.0, detect - f["time"]),
-                     "restart_s": None if resumed is None else resumed - detect})
+                     "restart_s": None if resumed is None or detect is None else resumed - detect})
     n_ckpt, bad = checkpoints_verify(out / "checkpoints")
     return {"every": every, "faults": rows, "planned": len(plan), "returncode": res.returncode, "wall_s": wall,
             "effective": steps * ref_step_s / wall, "identical": res.returncode == 0 and same_weights(ref, out),
@@ -138,11 +144,13 @@ def one_run(work: Path, steps: int, every: int, ckpt_every: int, seed: int, ref:
 
 def report(results: list[dict], ref_wall: float, ref_step_s: float, steps: int, ckpt_every: int) -> str:
     lines = [f"# Fault suite: tessera run, 2 CPU ranks (gloo), {datetime.date.today():%Y-%m}", "",
-             f"Machine: {platform.node()} ({os.cpu_count()} cores), Python {platform.python_version()}. Job: the tiny "
+             f"Machine: {platform.node()} ({os.cpu_count()} cores, load average {LOAD_AT_START:.1f} at the start, "
+             f"{os.getloadavg()[0]:.1f} at the end), Python {platform.python_version()}. Job: the tiny "
              f"demo recipe with LoRA (rank 4, dropout 0.1), {steps} steps, a checkpoint every {ckpt_every} steps; "
              "collective timeout after the first step 4 s, heartbeat every 0.5 s, heartbeat timeout 3 s.",
              f"Uninterrupted run: {ref_wall:.1f} s wall, {ref_step_s * 1e3:.0f} ms per step, effective training time "
-             f"{steps * ref_step_s / ref_wall:.0%}.", ""]
+             f"{steps * ref_step_s / ref_wall:.0%}. A restart time of '-': the next attempt met its own fault before it "
+             "finished a step.", ""]
     for r in results:
         det = [f["detect_s"] for f in r["faults"] if f["detect_s"] is not None]
         rst = [f["restart_s"] for f in r["faults"] if f["restart_s"] is not None]

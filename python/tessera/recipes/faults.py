@@ -19,8 +19,9 @@ kinds and moments:
               SIGKILL at `at` of step `step` (the restart must skip that checkpoint for the previous one)
 
 Every fault is a real one: real signals, a real resource limit, a real damaged file. Before a fault fires, the rank
-appends {"attempt", "rank", "kind", "at", "step", "time"} (wall-clock seconds) to `<plan>.fired.jsonl`, so the
-benchmark can measure detection and restart latency.
+appends {"attempt", "rank", "kind", "at", "step", "time"} (wall-clock seconds) to `<plan>.fired.jsonl`, and rank 0
+appends {"attempt", "event": "first_step", "time"} when an attempt's first step is done, so the benchmark can measure
+detection and restart latency.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ KINDS = {"kill": ("forward", "backward", "optimizer", "save", "load"),
          "full_disk": ("step",),
          "corrupt": ("forward", "backward", "optimizer")}
 SAVE_POINTS = ("after_data", "after_index", "before_manifest", "after_manifest", "after_rename")
+RANK0_SAVE_POINTS = ("before_manifest", "after_manifest", "after_rename")  # only rank 0 commits (writer.h)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ def load_plan(path: str | os.PathLike) -> list[Fault]:
                                        f"{ {k: list(v) for k, v in KINDS.items()} }")
         if f.kind == "kill" and f.at == "save" and f.point not in SAVE_POINTS:
             raise InvalidArgumentError(f"fault plan {path}: entry {i}: a kill at save needs point in {SAVE_POINTS}")
+        if f.kind == "kill" and f.at == "save" and f.point in RANK0_SAVE_POINTS and f.rank != 0:
+            raise InvalidArgumentError(f"fault plan {path}: entry {i}: crash point {f.point!r} is reached by rank 0 "
+                                       f"only (it commits), not by rank {f.rank}: it would never fire")
         faults.append(f)
     return faults
 
@@ -102,12 +107,22 @@ class FaultInjector:
 
         for f in self.faults:
             if f.kind == "kill" and f.at == "save":
-                self._record(f)  # recorded when armed: the save's own crash cannot write first
                 return knobs.CrashPoint(f.point, f.step, self.rank)
             if f.kind == "kill" and f.at == "load":
-                self._record(f)
                 return knobs.CrashPoint(LOAD_CRASH_POINT, None, self.rank)
         return None
+
+    def before_save(self, step: int) -> None:
+        """Records the kill planned in the save of `step` (its crash, inside the writer, cannot write first)."""
+        for f in self.faults:
+            if f.kind == "kill" and f.at == "save" and f.step == step:
+                self._record(f)
+
+    def before_load(self) -> None:
+        """Records the kill planned in this attempt's checkpoint load."""
+        for f in self.faults:
+            if f.kind == "kill" and f.at == "load":
+                self._record(f)
 
     def begin_step(self, step: int) -> None:
         self.step = step
@@ -126,11 +141,18 @@ class FaultInjector:
                 corrupt_newest(self.checkpoint_dir)
             os.kill(os.getpid(), signal.SIGSTOP if f.kind == "stop" else signal.SIGKILL)
 
+    def mark(self, event: str) -> None:
+        """Appends {"attempt", "rank", "event", "time"} to the fired log (the benchmark's restart time: "first_step",
+        the first step of an attempt finished)."""
+        self._append({"attempt": self.attempt, "rank": self.rank, "event": event, "time": time.time()})
+
     def _record(self, f: Fault) -> None:
-        line = json.dumps({"attempt": f.attempt, "rank": f.rank, "kind": f.kind, "at": f.at, "step": f.step,
-                           "time": time.time()})
+        self._append({"attempt": f.attempt, "rank": f.rank, "kind": f.kind, "at": f.at, "step": f.step,
+                      "time": time.time()})
+
+    def _append(self, entry: dict) -> None:
         with open(self.fired_log, "a") as out:
-            out.write(line + "\n")
+            out.write(json.dumps(entry) + "\n")
             out.flush()
             os.fsync(out.fileno())
 

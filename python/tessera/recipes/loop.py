@@ -248,6 +248,8 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
     if cfg.checkpoint.every > 0 or os.path.isdir(cfg.checkpoint_dir):
         ckpt = tessera.checkpoint.Checkpointer(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
                                                crash_point=job.faults.crash_point() if job.faults else None)
+    if job.faults is not None and ckpt is not None and ckpt.committed_steps():
+        job.faults.before_load()
     try:
         resumed = ckpt.load_latest(job.checkpoint_state()) if ckpt is not None else None
     except tessera.CheckpointError as e:  # checkpoints exist and none loads: starting again cannot help
@@ -292,6 +294,8 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         t_last = now
         if step == start + 1:  # the first step of this attempt is done: steady-state bounds from now on
             _set_collective_timeout(res.collective_timeout_s)
+            if job.faults is not None and rank == 0:
+                job.faults.mark("first_step")
         found = stragglers.end_step(step) if stragglers is not None else None  # every window steps: all-gathers
         job.train_state["step"] = step
         job.train_state["tokens"] += result.tokens
@@ -315,7 +319,11 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
             writer.log(step, m)
         progress.update(step, loss=result.loss, lr=m["lr"], tokens_per_s=tps, mfu=m["mfu"],
                         peak_mem_bytes=m["peak_mem_bytes"])
+        if handle is not None and handle.done and not handle.waited:
+            handle.wait()  # a failed save (a full disk) ends the attempt now, not at the next save
         if ckpt is not None and cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps):
+            if job.faults is not None:
+                job.faults.before_save(step)
             handle = ckpt.save(step, job.checkpoint_state())
         t_last = time.perf_counter()  # the time of eval and of starting a save is not training throughput
     progress.close()
