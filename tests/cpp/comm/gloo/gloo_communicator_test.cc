@@ -1,5 +1,5 @@
 // What the gloo backend adds to the conformance suite (comm_conformance_test.cc runs every collective over it):
-// the deadline and the message when a peer never joins, issue-order execution of groups issued before any wait,
+// the deadline and the message when a peer never joins, a lost peer reported as such, issue-order execution of groups issued before any wait,
 // the watchdog failing a group nobody waits on, and a rendezvous that a rank never joins.
 #include <chrono>
 #include <memory>
@@ -70,6 +70,26 @@ TEST(GlooCommunicator, PeerThatNeverJoinsGivesDeadlineExceededNamingRankStepAndT
   EXPECT_FALSE(next.ok());
   EXPECT_TRUE(absl::StrContains(next.message(), "blocks.3")) << next;
   EXPECT_LT(absl::Now() - again, absl::Seconds(1));
+}
+
+TEST(GlooCommunicator, LostPeerGivesUnavailableLongBeforeTheDeadline) {
+  // Rank 1 goes away (its communicator is destroyed, closing its connections) while rank 0 waits in a collective
+  // with a long deadline: rank 0 must learn of it from the broken connection, not from the timeout.
+  auto comms = World(2);
+  ASSERT_EQ(comms.size(), 2u);
+  std::vector<float> buf(8, 1.0f);
+  CollectiveOptions options;
+  options.timeout = absl::Seconds(30);
+  options.tag = "optimizer all-reduce";
+  const absl::Time start = absl::Now();
+  auto work = comms[0]->AllReduce(View(buf), ReduceOp::kSum, options);
+  ASSERT_TRUE(work.ok()) << work.status();
+  absl::SleepFor(absl::Milliseconds(100));
+  comms[1].reset();
+  const absl::Status s = (*work)->Wait();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "rank 0 of 2, optimizer all-reduce")) << s;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
 }
 
 TEST(GlooCommunicator, GroupsIssuedBeforeAnyWaitRunInIssueOrder) {
