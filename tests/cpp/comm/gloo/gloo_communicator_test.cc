@@ -1,6 +1,7 @@
 // What the gloo backend adds to the conformance suite (comm_conformance_test.cc runs every collective over it):
-// the deadline and the message when a peer never joins, a lost peer reported as such, issue-order execution of groups issued before any wait,
-// the watchdog failing a group nobody waits on, and a rendezvous that a rank never joins.
+// the deadline and the message when a peer never joins, a lost peer reported as such, large buffers, issue-order
+// execution of groups issued before any wait, the watchdog failing a group nobody waits on, and a rendezvous that
+// a rank never joins.
 #include <chrono>
 #include <memory>
 #include <string>
@@ -19,7 +20,8 @@
 namespace tessera::comm {
 namespace {
 
-BufferView View(std::vector<float>& v) { return BufferView{v.data(), DType::kFloat32, static_cast<int64_t>(v.size()), Device::CPU()};
+BufferView View(std::vector<float>& v) {
+  return BufferView{v.data(), DType::kFloat32, static_cast<int64_t>(v.size()), Device::CPU()};
 }
 
 std::vector<std::unique_ptr<Communicator>> World(int size) {
