@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(build-essential cmake ninja-build git pkg-config clang libclang-rt-14-dev e2fsprogs libabsl-dev libxxhash-dev nlohmann-json3-dev libgtest-dev libbenchmark-dev
+APT_PACKAGES=(build-essential cmake ninja-build git pkg-config clang libclang-rt-14-dev e2fsprogs libabsl-dev libxxhash-dev nlohmann-json3-dev libgtest-dev libbenchmark-dev libgloo-dev
               python3 python3-venv python3-dev slurm-wlm munge ccache)
 if [[ "${TESSERA_SKIP_APT:-0}" != "1" ]]; then
   missing=()

@@ -2,10 +2,11 @@
 // rank (the gloo base_test pattern). Results are checked against a reference computed here in double from the
 // values the ranks actually held; outputs are poisoned with NaN so an element a backend forgot to write fails.
 //
-// Backends come from factories in Backends(). Only `local` is listed: the NCCL backend needs one GPU per rank and
-// device buffers, so it is not built or run on CPU machines (backends that are not built are skipped, not faked);
-// a GPU suite adds it with its own factory. Behaviour a backend cannot offer is a flag on its factory. The torch
-// test binary (tests/cpp/torch) compiles this file again with the `pg` adapter added (tests/cpp/comm/pg).
+// Backends come from factories in Backends(): `local`, and `gloo` when libgloo was found (tessera_gloo). The NCCL
+// backend needs one GPU per rank and device buffers, so it is not built or run on CPU machines (backends that are
+// not built are skipped, not faked); a GPU suite adds it with its own factory. Behaviour a backend cannot offer is
+// a flag on its factory. The torch test binary (tests/cpp/torch) compiles this file again with the `pg` adapter
+// added (tests/cpp/comm/pg).
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -27,6 +28,9 @@
 #include "testing/test_buffer.h"
 #ifdef TESSERA_CONFORMANCE_WITH_PG
 #include "comm/pg/pg_over_local.h"  // the torch test binary also runs the suite over the pg adapter
+#endif
+#ifdef TESSERA_WITH_GLOO
+#include "comm/gloo/gloo_world.h"  // built when libgloo was found (CMake: TESSERA_GLOO_ENABLED)
 #endif
 
 namespace tessera::comm {
@@ -51,6 +55,12 @@ std::vector<Backend> Backends() {
 #ifdef TESSERA_CONFORMANCE_WITH_PG
   // c10d issues a group's collectives one by one, so no rank can see another's whole group.
   backends.push_back(Backend{"pg_over_local", &::tessera::testing::CreatePgOverLocalCommunicators,
+                             /*detects_mismatched_groups=*/false});
+#endif
+#ifdef TESSERA_WITH_GLOO
+  // gloo exchanges bytes without describing them, so mismatched groups are undefined behaviour (as in NCCL).
+  backends.push_back(Backend{"gloo",
+                             [](int world) { return ::tessera::testing::CreateGlooCommunicators(world); },
                              /*detects_mismatched_groups=*/false});
 #endif
   return backends;
