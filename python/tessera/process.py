@@ -32,17 +32,12 @@ def end_spawned_rank(code: int = 0) -> NoReturn:
     try:
         atexit._run_exitfuncs()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+        end_failed_rank(code)
 
 
 def end_failed_rank(code: int) -> NoReturn:
-    """Ends this rank process after it failed, at once: flushed output, os._exit(code), no exit hooks (see [Note: a
-    failed rank leaves at once])."""
+    """Ends this rank process at once: flushed output, os._exit(code), no exit hooks (see [Note: a failed rank
+    leaves at once]; end_spawned_rank runs the hooks first)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from same_run import assert_same_run
 
 from tessera import _C
 
@@ -45,10 +45,6 @@ def _run(out: Path, *extra, env=None, nproc=None, restarts=None):
                           capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
-
-
 def test_every_fault_kind_once_ends_bit_identical(tmp_path):
     ref = _run(tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -72,16 +68,7 @@ def test_every_fault_kind_once_ends_bit_identical(tmp_path):
                            "on rank 0 of 2" in r and "all_gather" in r and "unit '" in r for r in reports), \
         res.stderr[-3000:]
 
-    a, b = _metrics(tmp_path / "ref"), _metrics(out)
-    assert [m["step"] for m in b] == [m["step"] for m in a]  # every step once, the lost ones redone
-    assert [m.get("loss") for m in b] == [m.get("loss") for m in a]
-    from safetensors.torch import load_file
-
-    for sub in ("hf/model.safetensors", "adapter/adapter_model.safetensors"):
-        wa, wb = load_file(tmp_path / "ref" / sub), load_file(out / sub)
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            assert torch.equal(wa[k], wb[k]), (sub, k)
+    assert_same_run(tmp_path / "ref", out, fired)
     # No checkpoint lost: every save step is committed and verifies (checksums of every byte), the corrupted one
     # included, because the restarted job saved that step again.
     ckpts = out / "checkpoints"

@@ -4,7 +4,6 @@ random moment makes the group restart and resume, ending bit-identical to an uni
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -13,9 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-import torch
 import torch.distributed as dist
+from same_run import assert_same_run, metrics
 
 from tessera import exitcodes
 from tessera.errors import (CheckpointError, CommError, CommTimeoutError, DesyncError, InvalidArgumentError,
@@ -64,11 +62,6 @@ def test_bad_config_exits_2_before_any_rank_starts(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def _steps(out: Path) -> list[dict]:
-    f = out / "metrics.jsonl"
-    if not f.exists():
-        return []
-    return [json.loads(line) for line in f.read_text().splitlines() if line.endswith("}")]
 
 
 def _rank_pids(launcher: int) -> list[int]:
@@ -104,7 +97,7 @@ def test_killed_rank_restarts_the_group_and_ends_bit_identical(tmp_path):
     killed = None
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
-        done = [m["step"] for m in _steps(out) if "loss" in m]
+        done = [m["step"] for m in metrics(out) if "loss" in m]
         if killed is None and done and done[-1] >= kill_after:
             pids = _rank_pids(proc.pid)
             if len(pids) == 2:
@@ -115,13 +108,4 @@ def test_killed_rank_restarts_the_group_and_ends_bit_identical(tmp_path):
     assert killed is not None, f"the job finished before the kill (step {kill_after}):\n{stdout[-2000:]}"
     assert proc.returncode == 0, stderr[-3000:]
     assert "resumed from checkpoint step" in stdout, stdout[-3000:]
-    a, b = _steps(tmp_path / "ref"), _steps(out)
-    assert [m["step"] for m in b] == [m["step"] for m in a]  # every step once, the lost ones redone
-    assert [m.get("loss") for m in b] == [m.get("loss") for m in a]
-    from safetensors.torch import load_file
-
-    for sub in ("hf/model.safetensors", "adapter/adapter_model.safetensors"):
-        wa, wb = load_file(tmp_path / "ref" / sub), load_file(out / sub)
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            assert torch.equal(wa[k], wb[k]), (sub, k, killed)
+    assert_same_run(tmp_path / "ref", out, killed)

@@ -6,7 +6,6 @@ complete with every step's loss and the exported files' bytes equal to an uninte
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from same_run import assert_same_run, metrics
 
 REPO = Path(__file__).resolve().parents[3]
 SBATCH = REPO / "recipes" / "launch" / "slurm" / "tessera.sbatch"
@@ -132,13 +132,6 @@ PartitionName=test Nodes={name} Default=YES MaxTime=INFINITE State=UP
                 p.wait()
 
 
-def _steps(out: Path) -> list[dict]:
-    f = out / "metrics.jsonl"
-    if not f.exists():
-        return []
-    return [json.loads(line) for line in f.read_text().splitlines() if line.endswith("}")]
-
-
 def _rank_pids(out: Path) -> list[int]:
     """The job's rank processes (python -m tessera run ... output_dir=OUT), found by their command line."""
     pids = []
@@ -170,7 +163,7 @@ def test_sbatch_job_survives_a_killed_task_and_a_requeue_bit_identical(tmp_path)
             if info.get("JobState") not in ("PENDING", "CONFIGURING", "RUNNING"):
                 raise AssertionError(f"job {job_id} ended early: JobState={info.get('JobState')} ExitCode="
                                      f"{info.get('ExitCode')}\n{job_out.read_text()[-3000:]}")
-            return max([m["step"] for m in _steps(out) if "loss" in m] or [0])
+            return max([m["step"] for m in metrics(out) if "loss" in m] or [0])
 
         # Fault 1: SIGKILL of one task's rank at step >= 4; the step ends (--kill-on-bad-exit) and is retried.
         cluster.wait_for(lambda: last_step() >= 4 and len(_rank_pids(out)) == 2, 60, "step 4 of the job")
@@ -211,8 +204,6 @@ def test_sbatch_job_survives_a_killed_task_and_a_requeue_bit_identical(tmp_path)
     assert log.count("resumed from checkpoint step") == 2 and log.rstrip().endswith("attempt 1 finished"), log[-3000:]
     ports = re.findall(r"MASTER_PORT=(\d+)", log)
     assert len(ports) == 3 and len(set(ports)) == 3, ports  # no attempt reuses an earlier one's port
-    a, b = _steps(tmp_path / "ref"), _steps(out)
-    assert [m["step"] for m in b] == [m["step"] for m in a]  # every step once, the lost ones redone
-    assert [m.get("loss") for m in b] == [m.get("loss") for m in a]
-    for sub in ("hf/model.safetensors", "adapter/adapter_model.safetensors"):
+    assert_same_run(tmp_path / "ref", out, killed)
+    for sub in ("hf/model.safetensors", "adapter/adapter_model.safetensors"):  # the files' bytes too
         assert (out / sub).read_bytes() == (tmp_path / "ref" / sub).read_bytes(), (sub, killed)

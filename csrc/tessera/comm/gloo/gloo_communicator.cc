@@ -28,6 +28,7 @@
 #include "absl/time/clock.h"
 #include "tessera/comm/watchdog.h"
 #include "tessera/core/dtype.h"
+#include "tessera/core/dtype_access.h"
 #include "tessera/core/status.h"
 
 namespace tessera::comm {
@@ -84,31 +85,10 @@ class StoreAdapter final : public gloo::rendezvous::Store {
   absl::Duration timeout_;
 };
 
-// Element access per dtype; sums run in Acc (float32 for the 16-bit types) and are rounded to Storage once.
-struct F32 {
-  using Storage = float;
-  using Acc = float;
-  static Acc Load(Storage v) { return v; }
-  static Storage Store(Acc a) { return a; }
-};
-struct F64 {
-  using Storage = double;
-  using Acc = double;
-  static Acc Load(Storage v) { return v; }
-  static Storage Store(Acc a) { return a; }
-};
-struct BF16 {
-  using Storage = uint16_t;
-  using Acc = float;
-  static Acc Load(Storage v) { return BF16ToFloat(v); }
-  static Storage Store(Acc a) { return FloatToBF16(a); }
-};
-struct F16 {
-  using Storage = uint16_t;
-  using Acc = float;
-  static Acc Load(Storage v) { return HalfToFloat(v); }
-  static Storage Store(Acc a) { return FloatToHalf(a); }
-};
+using elements::BF16;  // element access per dtype (tessera/core/dtype_access.h)
+using elements::F16;
+using elements::F32;
+using elements::F64;
 
 // All-reduce (offset 0, output n = input n) or reduce-scatter (offset rank*n of a W*n input): an all-reduce of
 // the whole input in Acc on scratch, then this rank's range is written out, divided for kAvg, rounded once. The

@@ -7,37 +7,16 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "tessera/core/dtype.h"
+#include "tessera/core/dtype_access.h"
 #include "tessera/core/status.h"
 
 namespace tessera::comm {
 namespace {
 
-// Element access per dtype: sums and averages run in Acc (float for the 16-bit types, as NCCL does) and are
-// rounded to the storage type once, at the end.
-struct F32 {
-  using Storage = float;
-  using Acc = float;
-  static Acc Load(Storage v) { return v; }
-  static Storage Store(Acc a) { return a; }
-};
-struct F64 {
-  using Storage = double;
-  using Acc = double;
-  static Acc Load(Storage v) { return v; }
-  static Storage Store(Acc a) { return a; }
-};
-struct BF16 {
-  using Storage = uint16_t;
-  using Acc = float;
-  static Acc Load(Storage v) { return BF16ToFloat(v); }
-  static Storage Store(Acc a) { return FloatToBF16(a); }
-};
-struct F16 {
-  using Storage = uint16_t;
-  using Acc = float;
-  static Acc Load(Storage v) { return HalfToFloat(v); }
-  static Storage Store(Acc a) { return FloatToHalf(a); }
-};
+using elements::BF16;  // element access per dtype (tessera/core/dtype_access.h)
+using elements::F16;
+using elements::F32;
+using elements::F64;
 
 // dst[j] = reduce over ranks q (in rank order, so every rank computes bit-identical results) of srcs[q][j].
 template <typename D>
