@@ -157,6 +157,7 @@ recipe_bench() {
 
 resilience_watchdog() { ./build-gpu/tests/cpp/nccl_watchdog_test; }
 resilience_doctor() {
+  mkdir -p /tmp/tessera-doctor
   PYTHONUNBUFFERED=1 "$PYTHON" -m tessera doctor --device cuda --checkpoint-dir /tmp/tessera-doctor \
     --json "$LOG_DIR/doctor.json"
 }
