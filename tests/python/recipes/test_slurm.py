@@ -175,6 +175,11 @@ def test_sbatch_job_survives_a_killed_task_and_a_requeue_bit_identical(tmp_path)
                          "the retried step to reach step 8")
         cluster.slurm("scontrol", "requeue", job_id)
         cluster.wait_for(lambda: cluster.job(job_id).get("JobState") == "PENDING", 30, "the requeued job to pend")
+        # Start it only once the old run's steps are gone from the node and a second has passed: slurmd refuses a
+        # credential issued in the same second as the requeue revoked the old one ("Killing non-startable batch
+        # JobId=1: Job credential revoked", seen once in CI when the restart came 0.3 s after the requeue).
+        cluster.wait_for(lambda: "State=IDLE" in cluster.slurm("scontrol", "show", "node"), 30, "the node to be idle")
+        time.sleep(2.0)
         cluster.slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         cluster.wait_for(lambda: cluster.job(job_id).get("JobState") not in ("PENDING", "RUNNING", "REQUEUED"), 90,
                          "the job to end")
