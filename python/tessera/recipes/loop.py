@@ -257,6 +257,7 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         raise
     start = job.train_state["step"]
     earlier_j = job.train_state.get("energy_j", 0.0)  # earlier attempts, up to the checkpoint resumed from
+    measuring = True  # until the first all-reduce shows that no rank has an energy counter
     summary: dict = {"resumed_from": resumed}
     if rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -303,9 +304,11 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
              "tokens_per_s": tps, "mfu": mfu(flops_per_token, tps, device_name), "grad_norm": result.grad_norm,
              "peak_mem_bytes": peak_memory_bytes(device), "label_tokens": result.label_tokens,
              "time": round(time.time(), 3), **(found or {})}  # time: wall clock (s since the epoch) at the step's end
-        if (joules := energy.job_joules(meter, device)) is not None:  # absent, not 0, when unmeasured
+        if measuring and (joules := energy.job_joules(meter, device)) is not None:  # absent, not 0, unmeasured
             m["energy_j"] = job.train_state["energy_j"] = earlier_j + joules
             m["co2_g"] = energy.co2_grams(m["energy_j"], cfg.metrics.pue, cfg.metrics.grid_gco2_per_kwh)
+        else:  # no rank has a counter (the same answer on every rank): no all-reduce per step from now on
+            measuring = False
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             m["eval_loss"] = job.evaluate()
             if m["eval_loss"] is not None:
@@ -342,7 +345,7 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
         from tessera.metrics import plot_run
 
         summary["plots"] = [str(p) for p in plot_run(cfg.output_dir)]
-    if (joules := energy.job_joules(meter, device)) is not None:
+    if measuring and (joules := energy.job_joules(meter, device)) is not None:
         summary["energy_kwh"] = (earlier_j + joules) / energy.JOULES_PER_KWH
         summary["co2_g"] = energy.co2_grams(earlier_j + joules, cfg.metrics.pue, cfg.metrics.grid_gco2_per_kwh)
     _print_summary(say, summary)
