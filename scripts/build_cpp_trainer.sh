@@ -2,10 +2,10 @@
 # Builds and installs tessera's C++ libraries with torch (Tessera::torch, the C++ trainer API) into
 # build/cpp-torch/prefix, then builds examples/cpp/llama_trainer against that installed package with
 # find_package(Tessera), as a user's trainer is built. Prints the trainer's path. Needs scripts/setup.sh first
-# (the venv's torch provides libtorch and its CMake config).
+# (the venv's torch provides libtorch and its CMake config), or PYTHON=<a python with torch>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="$PWD/.venv/bin/python"
+PY="${PYTHON:-$PWD/.venv/bin/python}"  # the python whose torch provides libtorch (gpu_check.sh passes its own)
 PREFIX="$PWD/build/cpp-torch/prefix"
 TORCH_PREFIX=$("$PY" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}

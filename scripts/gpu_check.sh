@@ -13,7 +13,9 @@
 #   resilience  the NCCL watchdog test (nccl_watchdog_test: a world-size-1 collective held past its deadline by
 #           work on its stream is reported and aborted) and `tessera doctor` on the GPU (GEMM, memory test, H2D/D2H,
 #           NCCL busbw, NVML); needs the python step's install (and build-gpu/ from the cpp step for the C++ test)
-# Usage: scripts/gpu_check.sh [cpp] [python] [bench] [recipe] [resilience]
+#   trainer the C++ trainer (examples/cpp/llama_trainer, built against the installed package by
+#           scripts/build_cpp_trainer.sh) at world size 1 on NCCL: 8 steps of a tiny random Llama; its loss must fall
+# Usage: scripts/gpu_check.sh [cpp] [python] [bench] [recipe] [resilience] [trainer]
 #        (no argument: cpp python bench, in that order)
 #   CPP_TARGETS="cuda_kernels_test comm_test"  builds only those targets (default: all);
 #   CTEST_REGEX="Cuda|Nccl"                   runs only the matching tests (default: all);
@@ -162,6 +164,18 @@ resilience_doctor() {
     --json "$LOG_DIR/doctor.json"
 }
 
+trainer_build() { PYTHON="$PYTHON" bash scripts/build_cpp_trainer.sh; }
+trainer_run() {
+  local d=/tmp/tessera-cpp-trainer
+  rm -rf "$d" && mkdir -p "$d"
+  PYTHONPATH="$ROOT/tests/python/cpp" "$PYTHON" -c "import sys; from pathlib import Path; import trainer_runs as t; \
+d = Path(sys.argv[1]); t.make_hf_dir(d / 'hf'); t.make_tokens(d / 'tokens.bin', 8 * 4 * 65, 250)" "$d" || return 1
+  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29531 ./build/llama_trainer/llama_trainer \
+    --hf-dir "$d/hf" --tokens "$d/tokens.bin" --steps 8 --batch 4 --seq 64 --lr 3e-3 | tee "$LOG_DIR/trainer.txt"
+  "$PYTHON" -c "import re, sys; l = [float(x) for x in re.findall(r'^step \d+ loss (\S+)$', open(sys.argv[1]).read(), re.M)]; \
+print('losses', l); sys.exit(0 if len(l) == 8 and l[-1] < l[0] - 0.05 else 1)" "$LOG_DIR/trainer.txt"
+}
+
 # ---- run -----------------------------------------------------------------------------------------------------------
 run_step environment environment
 for step in "${STEPS[@]}"; do
@@ -205,8 +219,15 @@ for step in "${STEPS[@]}"; do
       fi
       run_step resilience-doctor resilience_doctor
       ;;
+    trainer)
+      if run_step trainer-build trainer_build; then
+        run_step trainer-run trainer_run
+      else
+        skip_step trainer-run "the build failed"
+      fi
+      ;;
     *)
-      echo "unknown step '$step' (expected cpp, python, bench, recipe or resilience)" >&2
+      echo "unknown step '$step' (expected cpp, python, bench, recipe, resilience or trainer)" >&2
       exit 2
       ;;
   esac

@@ -28,6 +28,9 @@ ctest --test-dir "$torch_build" --output-on-failure -j 2
 echo "== CMake package for C++ trainers (find_package(Tessera))"
 bash scripts/check_cmake_package.sh
 
+echo "== C++ trainer: the C++ libraries with torch installed into a prefix, examples/cpp/llama_trainer built against it"
+bash scripts/build_cpp_trainer.sh
+
 echo "== Fuzzing the checkpoint manifest and file-header parsers (libFuzzer, ${TESSERA_FUZZ_SECONDS:-30} s)"
 bash scripts/fuzz.sh "${TESSERA_FUZZ_SECONDS:-30}"
 
