@@ -1,7 +1,8 @@
 // The gloo communicator loaded as an isolated plugin (comm/gloo/gloo_plugin.h) in a process where libtorch_cpu's
-// gloo is in the global scope, as in a C++ trainer that links libtorch: libtorch_cpu.so is dlopen'ed RTLD_GLOBAL
-// before any plugin is loaded (TESSERA_TEST_LIBTORCH_CPU, found from the build's Python at configure time), which
-// puts its 340 gloo symbols ahead of anything loaded later, exactly as a DT_NEEDED libtorch_cpu would.
+// gloo is in the global scope, as in a C++ trainer that links libtorch. Built twice: in build/cpp (gloo_plugin_test)
+// libtorch_cpu.so is dlopen'ed RTLD_GLOBAL before any plugin is loaded (TESSERA_TEST_LIBTORCH_CPU, found from the
+// build's Python at configure time), which puts its 340 gloo symbols ahead of anything loaded later; in the torch
+// build (tests/cpp/torch, gloo_plugin_torch_test) the executable links libtorch_cpu (DT_NEEDED) as a trainer does.
 // See [Note: two gloos in one process].
 #include <dlfcn.h>
 #include <unistd.h>
@@ -25,10 +26,13 @@ namespace {
 
 constexpr char kCreateDevice[] = "_ZN4gloo9transport3tcp12CreateDeviceERKNS1_4attrE";
 
-// Loads libtorch_cpu.so into the global scope once; returns why not when it cannot (then the tests that need it
-// skip: this build found no torch).
+// Puts libtorch_cpu.so into the global scope once (or checks that the executable linked it); returns why not when
+// it cannot (then the tests that need it skip: this build found no torch).
 std::string LoadTorchGlobally() {
-#ifdef TESSERA_TEST_LIBTORCH_CPU
+#if defined(TESSERA_TEST_LIBTORCH_CPU_LINKED)
+  // tests/cpp/torch: a DT_NEEDED of the executable, loaded before main().
+  return dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD) != nullptr ? "" : "libtorch_cpu.so is not loaded";
+#elif defined(TESSERA_TEST_LIBTORCH_CPU)
   static const std::string error = [] {
     if (dlopen(TESSERA_TEST_LIBTORCH_CPU, RTLD_NOW | RTLD_GLOBAL) != nullptr) return std::string();
     return std::string("dlopen(" TESSERA_TEST_LIBTORCH_CPU ") failed: ") + dlerror();
