@@ -3,6 +3,7 @@
 // libtorch_cpu.so is dlopen'ed RTLD_GLOBAL before any plugin is loaded (TESSERA_TEST_LIBTORCH_CPU, found from the
 // build's Python at configure time), which puts its 340 gloo symbols ahead of anything loaded later; in the torch
 // build (tests/cpp/torch, gloo_plugin_torch_test) the executable links libtorch_cpu (DT_NEEDED) as a trainer does.
+// Both binaries also run the comm conformance suite over the plugin (backend `gloo_plugin`).
 // See [Note: two gloos in one process].
 #include <dlfcn.h>
 #include <unistd.h>
@@ -18,6 +19,7 @@
 #include "absl/strings/match.h"
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
+#include "comm/gloo/gloo_plugin_world.h"
 #include "tessera/comm/desync.h"
 #include "tessera/comm/gloo/gloo_plugin.h"
 
@@ -26,22 +28,7 @@ namespace {
 
 constexpr char kCreateDevice[] = "_ZN4gloo9transport3tcp12CreateDeviceERKNS1_4attrE";
 
-// Puts libtorch_cpu.so into the global scope once (or checks that the executable linked it); returns why not when
-// it cannot (then the tests that need it skip: this build found no torch).
-std::string LoadTorchGlobally() {
-#if defined(TESSERA_TEST_LIBTORCH_CPU_LINKED)
-  // tests/cpp/torch: a DT_NEEDED of the executable, loaded before main().
-  return dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD) != nullptr ? "" : "libtorch_cpu.so is not loaded";
-#elif defined(TESSERA_TEST_LIBTORCH_CPU)
-  static const std::string error = [] {
-    if (dlopen(TESSERA_TEST_LIBTORCH_CPU, RTLD_NOW | RTLD_GLOBAL) != nullptr) return std::string();
-    return std::string("dlopen(" TESSERA_TEST_LIBTORCH_CPU ") failed: ") + dlerror();
-  }();
-  return error;
-#else
-  return "this build found no torch (TESSERA_TEST_LIBTORCH_CPU unset)";
-#endif
-}
+using ::tessera::testing::LoadTorchGlobally;
 
 // The file that defines `symbol`, or "" if it cannot be told.
 std::string FileOf(void* address) {
