@@ -15,6 +15,9 @@
 // even when libtorch_cpu's gloo is already global; RTLD_LOCAL keeps libgloo out of the global scope, so torch's
 // references keep binding to torch's gloo. The communicator crosses the boundary only as a Communicator (the
 // interface in communicator.h): its vtable, methods and destructor are the plugin's code, called virtually.
+// tests/cpp/comm/gloo/gloo_plugin_test.cc checks this with libtorch_cpu loaded first. Without DEEPBIND (LD_DEBUG=
+// bindings, 2026-11): 7 of the plugin's 10 gloo references and 166 of libgloo's 348 own ones bound to libtorch_cpu,
+// and the 2-rank test crashed (SIGSEGV); with it, all of them bound to libgloo, and none of torch's to libgloo.
 //
 // What crosses, and why that is sound: the plugin and the host must be built from the same tessera headers by the
 // same compiler, against the same libstdc++ (std::string, std::shared_ptr, std::unique_ptr are shared by layout and
