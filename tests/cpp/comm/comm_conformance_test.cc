@@ -6,7 +6,7 @@
 // backend needs one GPU per rank and device buffers, so it is not built or run on CPU machines (backends that are
 // not built are skipped, not faked); a GPU suite adds it with its own factory. Behaviour a backend cannot offer is
 // a flag on its factory. The torch test binary (tests/cpp/torch) compiles this file again with the `pg` adapter
-// added (tests/cpp/comm/pg).
+// added (tests/cpp/comm/pg); the gloo plugin tests compile it with `gloo_plugin` added (comm/gloo/gloo_plugin.h).
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -28,6 +28,9 @@
 #include "testing/test_buffer.h"
 #ifdef TESSERA_CONFORMANCE_WITH_PG
 #include "comm/pg/pg_over_local.h"  // the torch test binary also runs the suite over the pg adapter
+#endif
+#ifdef TESSERA_CONFORMANCE_WITH_GLOO_PLUGIN
+#include "comm/gloo/gloo_plugin_world.h"  // the gloo plugin tests run the suite over the isolated plugin
 #endif
 #ifdef TESSERA_WITH_GLOO
 #include "comm/gloo/gloo_world.h"  // built when libgloo was found (CMake: TESSERA_GLOO_ENABLED)
@@ -55,6 +58,11 @@ std::vector<Backend> Backends() {
 #ifdef TESSERA_CONFORMANCE_WITH_PG
   // c10d issues a group's collectives one by one, so no rank can see another's whole group.
   backends.push_back(Backend{"pg_over_local", &::tessera::testing::CreatePgOverLocalCommunicators,
+                             /*detects_mismatched_groups=*/false});
+#endif
+#ifdef TESSERA_CONFORMANCE_WITH_GLOO_PLUGIN
+  // The gloo communicator loaded through comm/gloo/gloo_plugin.h, with libtorch_cpu's gloo in the process.
+  backends.push_back(Backend{"gloo_plugin", &::tessera::testing::CreateGlooPluginCommunicators,
                              /*detects_mismatched_groups=*/false});
 #endif
 #ifdef TESSERA_WITH_GLOO

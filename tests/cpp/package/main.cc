@@ -8,17 +8,28 @@
 #ifdef TESSERA_WITH_GLOO
 #include "tessera/comm/desync.h"
 #include "tessera/comm/gloo/gloo_communicator.h"
+#include "tessera/comm/gloo/gloo_plugin.h"
 
 // Two gloo ranks on threads over loopback: an all-reduce of {1, 2} and {10, 20} must give {11, 22} on both.
-static bool GlooWorks() {
+// `plugin`: through the isolated plugin at that path (comm/gloo/gloo_plugin.h) instead of Tessera::gloo directly.
+static bool GlooWorks(const char* plugin = nullptr) {
   auto store = std::make_shared<tessera::comm::InMemoryStore>();
   std::vector<std::vector<float>> bufs = {{1, 2}, {10, 20}};
   std::vector<bool> ok(2, false);
   std::vector<std::thread> threads;
   for (int r = 0; r < 2; ++r) {
     threads.emplace_back([&, r] {
-      auto comm = tessera::comm::GlooCommunicator::Create(r, 2, store, "package", absl::Seconds(30), "127.0.0.1");
-      if (!comm.ok()) return;
+      absl::StatusOr<std::unique_ptr<tessera::comm::Communicator>> comm;
+      if (plugin == nullptr) {
+        comm = tessera::comm::GlooCommunicator::Create(r, 2, store, "package", absl::Seconds(30), "127.0.0.1");
+      } else {
+        comm = tessera::comm::CreateGlooCommunicatorIsolated(plugin, r, 2, store, "package_plugin",
+                                                             absl::Seconds(30), "127.0.0.1");
+      }
+      if (!comm.ok()) {
+        std::fprintf(stderr, "rank %d: %s\n", r, comm.status().ToString().c_str());
+        return;
+      }
       tessera::BufferView view{bufs[r].data(), tessera::DType::kFloat32, 2, tessera::Device::CPU()};
       auto work = (*comm)->AllReduce(view, tessera::comm::ReduceOp::kSum);
       ok[r] = work.ok() && (*work)->Wait().ok() && bufs[r][0] == 11 && bufs[r][1] == 22;
@@ -35,6 +46,16 @@ int main() {
 #ifdef TESSERA_WITH_GLOO
   if (!GlooWorks()) return 2;
   std::printf("tessera package: gloo all-reduce OK\n");
+#endif
+#ifdef TESSERA_PACKAGE_GLOO_PLUGIN
+  // The package's TESSERA_GLOO_PLUGIN is where the library looks by default; both are the installed file.
+  if (tessera::comm::DefaultGlooPluginPath() != TESSERA_PACKAGE_GLOO_PLUGIN) {
+    std::fprintf(stderr, "DefaultGlooPluginPath() %s != the package's %s\n",
+                 tessera::comm::DefaultGlooPluginPath().c_str(), TESSERA_PACKAGE_GLOO_PLUGIN);
+    return 3;
+  }
+  if (!GlooWorks("")) return 4;  // "": the default path
+  std::printf("tessera package: gloo all-reduce through the plugin %s OK\n", TESSERA_PACKAGE_GLOO_PLUGIN);
 #endif
   std::printf("tessera package OK: shard_numel=%lld\n", static_cast<long long>(plan->shard_numel()));
   return 0;
