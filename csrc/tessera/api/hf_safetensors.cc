@@ -348,6 +348,7 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadSafetensors(
   if (f.fd < 0) return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
   struct stat st{};
   if (::fstat(f.fd, &st) != 0) return absl::InternalError(absl::StrCat(path, ": fstat failed: ", std::strerror(errno)));
+  if (!S_ISREG(st.st_mode)) return Invalid(path, "not a regular file (expected a .safetensors file)");
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   if (size < 8) {
     return Invalid(path, absl::StrCat("truncated: ", size, " bytes, but a safetensors file starts with an 8-byte "

@@ -140,6 +140,8 @@ TEST_F(HfTest, MalformedFilesGiveTheirError) {
   WriteBytes(Path("ok.safetensors"), Frame(good_entry, eight));
   EXPECT_TRUE(ReadSafetensors(Path("ok.safetensors")).ok());  // the same framing is accepted when the entry is good
   EXPECT_EQ(ReadSafetensors(Path("missing.safetensors")).status().code(), absl::StatusCode::kNotFound);
+  FreshDir("a_dir.safetensors");
+  EXPECT_TRUE(Contains(ReadSafetensors(Path("a_dir.safetensors")).status(), "not a regular file"));
 }
 
 constexpr char kLlama31Config[] = R"({
