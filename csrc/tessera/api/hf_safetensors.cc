@@ -36,11 +36,11 @@ constexpr char kIndex[] = "model.safetensors.index.json";
 constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 
 bool IsDir(const std::string& p) {
-  struct stat st{};
+  struct stat st {};
   return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 bool IsFile(const std::string& p) {
-  struct stat st{};
+  struct stat st {};
   return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 std::string Join(const std::string& dir, const std::string& name) {
@@ -119,8 +119,8 @@ absl::Status ReadRope(const json& hf, const std::string& where, LlamaConfig& cfg
   }
   if (kind == "default") return absl::OkStatus();
   if (kind != "llama3") {
-    return absl::UnimplementedError(absl::StrCat(where, ": rope scaling type '", kind,
-                                                 "' is not supported (tessera has 'llama3' and none)"));
+    return absl::UnimplementedError(
+        absl::StrCat(where, ": rope scaling type '", kind, "' is not supported (tessera has 'llama3' and none)"));
   }
   RopeScaling s;
   if (!scaling.contains("factor")) return Invalid(where, "llama3 rope scaling has no 'factor'");
@@ -145,15 +145,15 @@ absl::Status ReadRope(const json& hf, const std::string& where, LlamaConfig& cfg
 
 // LlamaConfig.__post_init__'s checks.
 absl::Status Validate(const LlamaConfig& c, bool head_dim_given, const std::string& where) {
-  const std::pair<const char*, int64_t> sizes[] = {{"vocab_size", c.vocab_size}, {"dim", c.dim},
-                                                   {"n_layers", c.n_layers},     {"n_heads", c.n_heads},
-                                                   {"n_kv_heads", c.n_kv_heads}, {"ffn_dim", c.ffn_dim},
-                                                   {"max_seq_len", c.max_seq_len}};
+  const std::pair<const char*, int64_t> sizes[] = {
+      {"vocab_size", c.vocab_size}, {"dim", c.dim},         {"n_layers", c.n_layers},      {"n_heads", c.n_heads},
+      {"n_kv_heads", c.n_kv_heads}, {"ffn_dim", c.ffn_dim}, {"max_seq_len", c.max_seq_len}};
   for (const auto& [name, v] : sizes) {
     if (v <= 0) return Invalid(where, absl::StrCat(name, " must be > 0, got ", v));
   }
   if (!head_dim_given && c.dim % c.n_heads) {
-    return Invalid(where, absl::StrCat("dim ", c.dim, " must be divisible by n_heads ", c.n_heads, " (or give head_dim)"));
+    return Invalid(where,
+                   absl::StrCat("dim ", c.dim, " must be divisible by n_heads ", c.n_heads, " (or give head_dim)"));
   }
   if (c.n_heads % c.n_kv_heads) {
     return Invalid(where, absl::StrCat("n_heads ", c.n_heads, " must be divisible by n_kv_heads ", c.n_kv_heads,
@@ -194,9 +194,18 @@ struct DTypeInfo {
   at::ScalarType type;
 };
 constexpr DTypeInfo kDTypes[] = {
-    {"F64", at::kDouble},  {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16},
-    {"F8_E4M3", at::kFloat8_e4m3fn}, {"F8_E5M2", at::kFloat8_e5m2}, {"I64", at::kLong}, {"I32", at::kInt},
-    {"I16", at::kShort}, {"I8", at::kChar}, {"U8", at::kByte}, {"BOOL", at::kBool},
+    {"F64", at::kDouble},
+    {"F32", at::kFloat},
+    {"F16", at::kHalf},
+    {"BF16", at::kBFloat16},
+    {"F8_E4M3", at::kFloat8_e4m3fn},
+    {"F8_E5M2", at::kFloat8_e5m2},
+    {"I64", at::kLong},
+    {"I32", at::kInt},
+    {"I16", at::kShort},
+    {"I8", at::kChar},
+    {"U8", at::kByte},
+    {"BOOL", at::kBool},
 };
 
 struct Entry {
@@ -214,20 +223,24 @@ absl::StatusOr<Entry> ParseEntry(const std::string& name, const json& v, uint64_
   auto dt = v.find("dtype");
   if (dt == v.end() || !dt->is_string()) return Invalid(where, "no 'dtype' string");
   const std::string dname = dt->get<std::string>();
-  auto known = std::find_if(std::begin(kDTypes), std::end(kDTypes), [&](const DTypeInfo& d) { return dname == d.name; });
+  auto known =
+      std::find_if(std::begin(kDTypes), std::end(kDTypes), [&](const DTypeInfo& d) { return dname == d.name; });
   if (known == std::end(kDTypes)) {
     std::vector<std::string> names;
     for (const auto& d : kDTypes) names.push_back(d.name);
-    return Invalid(where, absl::StrCat("unknown dtype '", dname, "' (expected one of ", absl::StrJoin(names, ", "), ")"));
+    return Invalid(where,
+                   absl::StrCat("unknown dtype '", dname, "' (expected one of ", absl::StrJoin(names, ", "), ")"));
   }
   e.type = known->type;
   auto shape = v.find("shape");
   if (shape == v.end() || !shape->is_array()) return Invalid(where, "no 'shape' array");
   uint64_t numel = 1;
   for (const json& d : *shape) {
-    if (!d.is_number_unsigned()) return Invalid(where, absl::StrCat("shape ", shape->dump(), " has a non-integer or negative size"));
+    if (!d.is_number_unsigned())
+      return Invalid(where, absl::StrCat("shape ", shape->dump(), " has a non-integer or negative size"));
     uint64_t n = d.get<uint64_t>();
-    if (n != 0 && numel > std::numeric_limits<uint64_t>::max() / 16 / n) return Invalid(where, absl::StrCat("shape ", shape->dump(), " is too large"));
+    if (n != 0 && numel > std::numeric_limits<uint64_t>::max() / 16 / n)
+      return Invalid(where, absl::StrCat("shape ", shape->dump(), " is too large"));
     numel *= n;
     e.shape.push_back(static_cast<int64_t>(n));
   }
@@ -244,8 +257,8 @@ absl::StatusOr<Entry> ParseEntry(const std::string& name, const json& v, uint64_
   }
   const uint64_t want = numel * at::elementSize(e.type);
   if (e.end - e.begin != want) {
-    return Invalid(where, absl::StrCat("data_offsets [", e.begin, ", ", e.end, "] hold ", e.end - e.begin, " bytes, but ",
-                                       dname, " shape ", shape->dump(), " needs ", want));
+    return Invalid(where, absl::StrCat("data_offsets [", e.begin, ", ", e.end, "] hold ", e.end - e.begin,
+                                       " bytes, but ", dname, " shape ", shape->dump(), " needs ", want));
   }
   return e;
 }
@@ -263,7 +276,7 @@ std::string Few(const std::vector<std::string>& keys) {
 absl::StatusOr<json> ParseJsonFile(const std::string& path) {
   Fd f{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
   if (f.fd < 0) return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
-  struct stat st{};
+  struct stat st {};
   if (::fstat(f.fd, &st) != 0 || !S_ISREG(st.st_mode)) return absl::NotFoundError(absl::StrCat(path, ": not a file"));
   std::string text(static_cast<size_t>(st.st_size), '\0');
   TESSERA_RETURN_IF_ERROR(ReadAt(f.fd, text.data(), text.size(), 0, path));
@@ -274,14 +287,16 @@ absl::StatusOr<json> ParseJsonFile(const std::string& path) {
 
 }  // namespace
 
-// ---- public ----------------------------------------------------------------------------------------------------------
+// ---- public
+// ----------------------------------------------------------------------------------------------------------
 
 namespace {
 // config_kwargs_from_hf in state_dict_adapter.py, for model_type "llama" only (Mistral's sliding window is not here).
 absl::StatusOr<LlamaConfig> ConfigFromHf(const json& hf, const std::string& where) {
   const std::string model_type = hf.contains("model_type") ? hf["model_type"].dump() : "none";
   if (model_type != "\"llama\"") {
-    return Invalid(where, absl::StrCat("model_type ", model_type, " is not supported by the C++ loader; expected "
+    return Invalid(where, absl::StrCat("model_type ", model_type,
+                                       " is not supported by the C++ loader; expected "
                                        "\"llama\""));
   }
   if (hf.contains("hidden_act") && hf["hidden_act"] != "silu") {
@@ -332,7 +347,8 @@ absl::StatusOr<LlamaConfig> LlamaConfigFromJson(const std::string& text, const s
 
 absl::StatusOr<LlamaConfig> ReadLlamaConfig(const std::string& hf_dir) {
   if (!IsDir(hf_dir)) {
-    return absl::NotFoundError(absl::StrCat(hf_dir, ": not a directory (expected a Hugging Face model directory "
+    return absl::NotFoundError(absl::StrCat(hf_dir,
+                                            ": not a directory (expected a Hugging Face model directory "
                                             "with config.json and safetensors weights)"));
   }
   const std::string path = Join(hf_dir, "config.json");
@@ -346,12 +362,13 @@ absl::StatusOr<LlamaConfig> ReadLlamaConfig(const std::string& hf_dir) {
 absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadSafetensors(const std::string& path) {
   Fd f{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
   if (f.fd < 0) return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
-  struct stat st{};
+  struct stat st {};
   if (::fstat(f.fd, &st) != 0) return absl::InternalError(absl::StrCat(path, ": fstat failed: ", std::strerror(errno)));
   if (!S_ISREG(st.st_mode)) return Invalid(path, "not a regular file (expected a .safetensors file)");
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   if (size < 8) {
-    return Invalid(path, absl::StrCat("truncated: ", size, " bytes, but a safetensors file starts with an 8-byte "
+    return Invalid(path, absl::StrCat("truncated: ", size,
+                                      " bytes, but a safetensors file starts with an 8-byte "
                                       "header length"));
   }
   unsigned char len_bytes[8];
@@ -402,9 +419,9 @@ const std::pair<const char*, const char*> kLayerNames[] = {
     {"feed_forward.w1.weight", "mlp.gate_proj.weight"},    {"feed_forward.w3.weight", "mlp.up_proj.weight"},
     {"feed_forward.w2.weight", "mlp.down_proj.weight"},    {"attention_norm.weight", "input_layernorm.weight"},
     {"ffn_norm.weight", "post_attention_layernorm.weight"}};
-const std::pair<const char*, const char*> kGlobalNames[] = {
-    {"tok_embeddings.weight", "model.embed_tokens.weight"}, {"norm.weight", "model.norm.weight"},
-    {"output.weight", "lm_head.weight"}};
+const std::pair<const char*, const char*> kGlobalNames[] = {{"tok_embeddings.weight", "model.embed_tokens.weight"},
+                                                            {"norm.weight", "model.norm.weight"},
+                                                            {"output.weight", "lm_head.weight"}};
 
 // "<prefix><digits>.<rest>" -> (digits, rest); nullopt otherwise.
 std::optional<std::pair<std::string, std::string>> SplitLayer(const std::string& name, const std::string& prefix) {
@@ -490,7 +507,8 @@ absl::StatusOr<std::map<std::string, at::Tensor>> LoadLlamaWeights(const std::st
     TESSERA_ASSIGN_OR_RETURN(auto tensors, ReadSafetensors(Join(hf_dir, name)));
     for (auto& [key, t] : tensors) {
       auto [it, fresh] = by_hf.emplace(key, std::make_pair(std::move(t), name));
-      if (!fresh) return Invalid(hf_dir, absl::StrCat("tensor '", key, "' is in both ", it->second.second, " and ", name));
+      if (!fresh)
+        return Invalid(hf_dir, absl::StrCat("tensor '", key, "' is in both ", it->second.second, " and ", name));
     }
   }
 
@@ -507,8 +525,9 @@ absl::StatusOr<std::map<std::string, at::Tensor>> LoadLlamaWeights(const std::st
     }
     const std::vector<int64_t> want = shape_of[*name];
     if (entry.first.sizes().vec() != want) {
-      problems.push_back(absl::StrCat("'", key, "' (", entry.second, ") has shape ", ShapeStr(entry.first.sizes().vec()),
-                                      ", but config.json implies ", ShapeStr(want)));
+      problems.push_back(absl::StrCat("'", key, "' (", entry.second, ") has shape ",
+                                      ShapeStr(entry.first.sizes().vec()), ", but config.json implies ",
+                                      ShapeStr(want)));
     }
     out.emplace(*name, entry.first);
   }
@@ -519,7 +538,8 @@ absl::StatusOr<std::map<std::string, at::Tensor>> LoadLlamaWeights(const std::st
   if (!missing.empty()) problems.insert(problems.begin(), absl::StrCat("missing tensors ", Few(missing)));
   if (!problems.empty()) {
     problems.resize(std::min<size_t>(problems.size(), 6));
-    return Invalid(hf_dir, absl::StrCat("the weights do not match config.json (llama): ", absl::StrJoin(problems, "; ")));
+    return Invalid(hf_dir,
+                   absl::StrCat("the weights do not match config.json (llama): ", absl::StrJoin(problems, "; ")));
   }
   return out;
 }

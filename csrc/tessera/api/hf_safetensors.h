@@ -65,7 +65,6 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> LlamaParamShapes(const
 // in hf_dir/model.safetensors.index.json. Checks that exactly LlamaParamShapes(cfg) is there: InvalidArgument
 // naming the missing, unexpected or mis-shaped keys and the directory. A tied model's files may hold
 // lm_head.weight (a copy of the embedding); it is ignored.
-absl::StatusOr<std::map<std::string, at::Tensor>> LoadLlamaWeights(const std::string& hf_dir,
-                                                                   const LlamaConfig& cfg);
+absl::StatusOr<std::map<std::string, at::Tensor>> LoadLlamaWeights(const std::string& hf_dir, const LlamaConfig& cfg);
 
 }  // namespace tessera::hf

@@ -26,7 +26,9 @@ at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
 }
 }  // namespace
 
-RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps(eps) { weight = register_parameter("weight", torch::ones({dim})); }
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps(eps) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
   at::Tensor x32 = x.to(at::kFloat);
@@ -118,8 +120,8 @@ LlamaImpl::LlamaImpl(const LlamaConfig& config) : cfg(config) {
 }
 
 at::Tensor LlamaImpl::forward(const at::Tensor& tokens) {
-  TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong,
-              "Llama: tokens must be int64 [batch, seq]; got ", tokens.scalar_type(), " ", tokens.sizes());
+  TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong, "Llama: tokens must be int64 [batch, seq]; got ",
+              tokens.scalar_type(), " ", tokens.sizes());
   const int64_t s = tokens.size(1);
   TORCH_CHECK(s <= cfg.max_seq_len, "Llama: positions 0..", s - 1, " exceed max_seq_len ", cfg.max_seq_len);
   auto [cos, sin] = RopeCosSin(cfg, s, tokens.device());

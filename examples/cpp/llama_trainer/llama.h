@@ -31,7 +31,8 @@ TORCH_MODULE(RMSNorm);
 // args.py).
 at::Tensor RopeInvFreq(const tessera::hf::LlamaConfig& cfg, const at::Device& device);
 // cos and sin, float32 [seq, head_dim], for positions 0..seq-1 (rotate-half layout: each frequency twice).
-std::pair<at::Tensor, at::Tensor> RopeCosSin(const tessera::hf::LlamaConfig& cfg, int64_t seq, const at::Device& device);
+std::pair<at::Tensor, at::Tensor> RopeCosSin(const tessera::hf::LlamaConfig& cfg, int64_t seq,
+                                             const at::Device& device);
 
 struct AttentionImpl : torch::nn::Module {
   explicit AttentionImpl(const tessera::hf::LlamaConfig& cfg);

@@ -22,9 +22,12 @@ namespace {
 
 // POSIX rather than std::filesystem, whose symbols libtorch.so exports in a copy that crashes (see hf_safetensors.cc).
 void RemoveAll(const std::string& path) {
-  ::nftw(path.c_str(), [](const char* p, const struct stat*, int type, struct FTW*) {
-    return (type == FTW_DP ? ::rmdir(p) : ::unlink(p)), 0;
-  }, 16, FTW_DEPTH | FTW_PHYS);
+  ::nftw(
+      path.c_str(),
+      [](const char* p, const struct stat*, int type, struct FTW*) {
+        return (type == FTW_DP ? ::rmdir(p) : ::unlink(p)), 0;
+      },
+      16, FTW_DEPTH | FTW_PHYS);
 }
 
 // gmock's HasSubstr without gmock (the torch tests link gtest only).
@@ -121,11 +124,13 @@ TEST_F(HfTest, MalformedFilesGiveTheirError) {
       {Frame(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,16]}})", eight), "are outside the data (8 bytes"},
       {Frame(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", eight), "are outside the data"},
       {Frame(R"({"w":{"dtype":"Q4_K","shape":[2],"data_offsets":[0,8]}})", eight), "unknown dtype 'Q4_K'"},
-      {Frame(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", eight), "hold 8 bytes, but F32 shape [3] needs 12"},
+      {Frame(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", eight),
+       "hold 8 bytes, but F32 shape [3] needs 12"},
       {Frame(R"({"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", eight), "non-integer or negative"},
       {Frame(R"({"w":{"dtype":"F32","shape":[2]}})", eight), "no 'data_offsets'"},
-      {Frame(R"({"v":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
-             eight),
+      {Frame(
+           R"({"v":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+           eight),
        "'v' and 'w' overlap"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
@@ -174,7 +179,8 @@ TEST(HfConfig, ReadsLlama31) {  // Llama-3.1-8B's config.json (LLAMA_CONFIGS["ll
 TEST(HfConfig, DefaultsAndTransformers5RopeParameters) {
   auto c = LlamaConfigFromJson(R"({"model_type": "llama", "vocab_size": 10, "hidden_size": 48, "num_hidden_layers": 1,
       "num_attention_heads": 4, "intermediate_size": 8, "head_dim": 16, "tie_word_embeddings": true,
-      "rope_parameters": {"rope_type": "default", "rope_theta": 12345.0}})", "cfg");
+      "rope_parameters": {"rope_type": "default", "rope_theta": 12345.0}})",
+                               "cfg");
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->n_kv_heads, 4);  // absent: multi-head attention
   EXPECT_EQ(c->head_dim, 16);   // given, not 48 / 4
@@ -263,7 +269,8 @@ TEST_F(HfTest, LoadsWeightsUnderTesseraNamesFromOneFileOrAnIndex) {
     WriteSafetensors(Path("two/model-00002-of-00002.safetensors"), second);
     std::string map;
     for (size_t i = 0; i < specs.size(); ++i) {
-      map += (i ? "," : "") + ("\"" + specs[i].name + "\":\"model-0000" + (i < 4 ? "1" : "2") + "-of-00002.safetensors\"");
+      map +=
+          (i ? "," : "") + ("\"" + specs[i].name + "\":\"model-0000" + (i < 4 ? "1" : "2") + "-of-00002.safetensors\"");
     }
     WriteBytes(Path("two/model.safetensors.index.json"), "{\"metadata\":{},\"weight_map\":{" + map + "}}");
     for (const char* sub : {"one", "two"}) {

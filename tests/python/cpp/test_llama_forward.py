@@ -39,6 +39,8 @@ def build_forward_check() -> Path:
     out = ROOT / "build" / "llama_forward_check"
     shim = out / "tessera_shim"
     shim.mkdir(parents=True, exist_ok=True)
+    core_deps = ";".join(["absl::status", "absl::statusor", "absl::strings", "absl::str_format", "absl::time",
+                          "absl::span", "absl::synchronization", "Threads::Threads"])  # tessera_core's, csrc/CMakeLists.txt
     config = f"""# Written by {Path(__file__).name}: the pip build's static libraries as Tessera::core / Tessera::torch.
 include(CMakeFindDependencyMacro)
 find_dependency(absl)
@@ -48,7 +50,7 @@ if(NOT TARGET Tessera::core)
   add_library(Tessera::core STATIC IMPORTED)
   set_target_properties(Tessera::core PROPERTIES IMPORTED_LOCATION "{lib_dir}/libtessera_core.a"
     INTERFACE_INCLUDE_DIRECTORIES "{ROOT}/csrc"
-    INTERFACE_LINK_LIBRARIES "absl::status;absl::statusor;absl::strings;absl::str_format;absl::time;absl::span;absl::synchronization;Threads::Threads")
+    INTERFACE_LINK_LIBRARIES "{core_deps}")
   add_library(Tessera::torch STATIC IMPORTED)
   set_target_properties(Tessera::torch PROPERTIES IMPORTED_LOCATION "{lib_dir}/libtessera_torch.a"
     INTERFACE_INCLUDE_DIRECTORIES "${{TORCH_INCLUDE_DIRS}}"
