@@ -32,6 +32,10 @@ absl::StatusOr<int> IntVar(const char* name, int fallback, int min) {
   return out;
 }
 
+bool IsLoopback(const std::string& addr) {
+  return addr == "localhost" || addr == "::1" || addr.rfind("127.", 0) == 0;
+}
+
 bool CudaAvailable() {
 #if defined(TESSERA_WITH_CUDA)
   int n = 0;
@@ -91,8 +95,11 @@ absl::StatusOr<std::unique_ptr<World>> World::Init(const WorldOptions& options) 
   std::shared_ptr<comm::Communicator> communicator;
   if (backend == Backend::kGloo) {
     TESSERA_ASSIGN_OR_RETURN(
-        communicator, comm::CreateGlooCommunicatorIsolated(options.gloo_plugin, options.rank, options.world_size,
-                                                           world->store_, "tessera/world/gloo", options.init_timeout));
+        communicator,
+        comm::CreateGlooCommunicatorIsolated(options.gloo_plugin, options.rank, options.world_size, world->store_,
+                                             "tessera/world/gloo", options.init_timeout,
+                                             // one host: the loopback address (the machine's name may not resolve)
+                                             IsLoopback(options.master_addr) ? "127.0.0.1" : ""));
   } else {
 #if defined(TESSERA_WITH_CUDA)
     // Rank 0 makes the NCCL id; every rank reads it from the store.
