@@ -4,9 +4,7 @@ Llama 3.1 RoPE scaling, grouped-query attention, weights stored as float32 and a
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
