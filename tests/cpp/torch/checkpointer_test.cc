@@ -285,6 +285,32 @@ TEST(Checkpointer, OptimizerStateTheCheckpointLacksIsZeroed) {
   EXPECT_TRUE(BitEqual(got.optim[0].local, f.w_m.reshape(-1)));
 }
 
+// A save that fails in the background (rank 1 leaves part of a tensor unsaved: rank 0's commit rejects it) is
+// returned by the next Save on every rank, which does not start; the save after that works.
+TEST(Checkpointer, BackgroundFailureIsReturnedByTheNextSave) {
+  const TempRoot root("failure");
+  auto store = std::make_shared<comm::InMemoryStore>();
+  Full f;
+  CheckpointerOptions o;
+  o.commit_timeout = absl::Seconds(30);
+  auto st = OnRanks(2, [&](int r) -> absl::Status {
+    TESSERA_ASSIGN_OR_RETURN(auto ck, Checkpointer::Create(root.string(), r, 2, store, o));
+    RankState bad = MakeRank(f, r, 2, false);
+    if (r == 1) bad.model[0].save_count = 4;  // of its 10 elements of model/w
+    TESSERA_RETURN_IF_ERROR(ck->Save(1, bad.Contents()));  // staged: OK
+    RankState good = MakeRank(f, r, 2, false);
+    absl::Status s = ck->Save(2, good.Contents());
+    if (s.ok() || s.message().find("checkpoint step 1") == absl::string_view::npos) {
+      return absl::InternalError(absl::StrCat("Save(2) should return step 1's failure, got: ", s.ToString()));
+    }
+    TESSERA_RETURN_IF_ERROR(ck->Save(3, good.Contents()));
+    TESSERA_RETURN_IF_ERROR(ck->Wait());
+    TESSERA_ASSIGN_OR_RETURN(std::vector<int64_t> steps, ck->CommittedSteps());
+    return steps == std::vector<int64_t>{3} ? absl::OkStatus() : absl::InternalError("committed steps differ");
+  });
+  EXPECT_ALL_OK(st);
+}
+
 TEST(Checkpointer, RetentionAndStaleTmpCleanup) {
   const TempRoot root("retention");
   ASSERT_EQ(::mkdir((root / ".tmp-step-0000000099").c_str(), 0755), 0);
