@@ -224,7 +224,9 @@ absl::Status Checkpointer::Save(int64_t step, const CheckpointContents& c) {
   auto add = [&](const CheckpointTensor& t) -> absl::Status {
     const bool empty = NumelOf(t.shape) == 0;
     if (t.save_count == 0 && !empty) return absl::OkStatus();
-    if (!t.local.defined()) return absl::InvalidArgumentError(absl::StrCat("checkpoint tensor '", t.name, "' is undefined"));
+    if (!t.local.defined()) {
+      return absl::InvalidArgumentError(absl::StrCat("checkpoint tensor '", t.name, "' is undefined"));
+    }
     at::Tensor flat = t.local.detach().reshape(-1);
     if (t.save_offset < 0 || t.save_count < 0 || t.save_offset + t.save_count > flat.numel()) {
       return absl::InvalidArgumentError(absl::StrFormat(
@@ -425,7 +427,8 @@ absl::Status ReadAll(CheckpointReader& reader, const CheckpointContents& c,
     if (!missing.empty()) parts.push_back("missing from checkpoint: " + ListRepr(missing));
     if (!mismatched.empty()) parts.push_back("different shape or dtype: " + ListRepr(mismatched));
     if (!unexpected.empty()) parts.push_back("not in the model: " + ListRepr(unexpected));
-    return absl::InvalidArgumentError("checkpoint does not match the state being loaded: " + absl::StrJoin(parts, "; "));
+    return absl::InvalidArgumentError(
+        absl::StrCat("checkpoint does not match the state being loaded: ", absl::StrJoin(parts, "; ")));
   }
 
   for (Staged& s : *staged) {
