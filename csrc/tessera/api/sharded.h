@@ -1,8 +1,8 @@
 // Sharding a libtorch C++ model (DESIGN.md section 4, the C++ trainer API). C++ modules have no forward hooks, so
 // tessera wraps each block: calling the wrapper runs the unit's pre-forward (all-gather its parameters), the
 // block's own forward, and its post-forward (free them again, hook the backward). Autograd hooks drive the
-// backward: the output's gradient hook is the pre-backward, an identity autograd function on the inputs is the
-// post-backward (reduce-scatter the gradients), and a callback queued on the autograd engine ends the backward.
+// backward: the output's gradient hook is the pre-backward, the gradient hook of an alias of each input is
+// the post-backward (reduce-scatter the gradients), and a callback queued on the autograd engine ends the backward.
 // All of it drives the same C++ StepSchedule (shard/schedule.h) and torch_rt::Unit (torch/unit.h) as the Python
 // path (python/tessera/shard/runtime.py), so both compute the same values.
 //
@@ -54,8 +54,8 @@ struct ShardOptions {
   absl::Duration collective_timeout = comm::kDefaultCollectiveTimeout;  // every collective of every unit
 };
 
-// The sharding of one model: its units (unit 0 the root, then the blocks in the order they were sharded) and the
-// step schedule that drives them. Not copyable; the modules it shards must outlive it.
+// The sharding of one model: its units (the blocks in the order they were sharded, then the root) and the step
+// schedule that drives them. Not copyable; the modules it shards must outlive it.
 class ShardedModel {
  public:
   explicit ShardedModel(std::shared_ptr<comm::Communicator> comm, ShardOptions options = {});
@@ -77,6 +77,7 @@ class ShardedModel {
   at::Tensor RunUnit(int u, std::vector<at::Tensor> inputs,
                      const std::function<at::Tensor(const std::vector<at::Tensor>&)>& fn);
 
+  // Units in the order they were sharded (the blocks, then the root).
   int num_units() const { return static_cast<int>(units_.size()); }
   torch_rt::Unit& unit(int u) { return *units_[u]; }
   const torch_rt::Unit& unit(int u) const { return *units_[u]; }
@@ -104,13 +105,16 @@ class ShardedModel {
 
  private:
   absl::StatusOr<int> AddUnit(torch::nn::Module& module, const std::string& prefix);
+  // The schedule's index of unit u: the root is the schedule's unit 0, the blocks follow in sharding order.
+  int ScheduleIndex(int u) const { return u == root_ ? 0 : u + 1; }
 
   std::shared_ptr<comm::Communicator> comm_;
   ShardOptions options_;
-  std::vector<std::unique_ptr<torch_rt::Unit>> units_;  // [0] = root once ShardRoot ran
+  std::vector<std::unique_ptr<torch_rt::Unit>> units_;  // blocks in sharding order, then the root
   std::vector<std::vector<std::string>> names_;
   std::unordered_set<const c10::TensorImpl*> managed_;  // parameters some unit holds
   std::unique_ptr<shard::StepSchedule> schedule_;
+  int root_ = -1;  // index of the root unit in units_ (the last one added)
   std::optional<at::Device> device_;
 };
 
