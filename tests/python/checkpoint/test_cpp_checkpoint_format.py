@@ -25,21 +25,22 @@ from tessera.optim import AdamW
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _binary() -> str | None:
-    path = os.environ.get("TESSERA_CHECKPOINTER_TEST")
+def _binary(name: str) -> str | None:
+    path = os.environ.get(f"TESSERA_{name.upper()}")
     if path:
         return path
-    found = glob.glob(str(REPO / "build" / "*" / "tests" / "cpp" / "torch" / "checkpointer_test"))
+    found = glob.glob(str(REPO / "build" / "*" / "tests" / "cpp" / "torch" / name))
     return max(found, key=os.path.getmtime) if found else None
 
 
-BINARY = _binary()
+BINARY = _binary("checkpointer_test")
+MODEL_BINARY = _binary("checkpointer_model_test")
 pytestmark = pytest.mark.skipif(BINARY is None, reason="checkpointer_test (tests/cpp/torch) is not built")
 
 
-def _run(case: str, **env) -> str:
-    proc = subprocess.run([BINARY, f"--gtest_filter=CppFormat.{case}"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
+def _run(case: str, binary: str | None = None, **env) -> str:
+    proc = subprocess.run([binary or BINARY, f"--gtest_filter=*.{case}"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[  PASSED  ] 1 test" in proc.stdout, proc.stdout  # ran, not skipped
     return proc.stdout
@@ -112,3 +113,46 @@ def test_python_checkpoint_loads_in_cpp(tmp_path):
     assert sorted(line for line in lines if line.startswith("TRAIN ")) == ["TRAIN step 7", "TRAIN tokens 99"]
     optim_line = next(line for line in lines if line.startswith("OPTIM "))
     assert json.loads(optim_line[len("OPTIM "):]) == expected_json
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+
+class _Net(nn.Module):
+    """The parameter names of checkpointer_model_test.cc's Net (its forward is not needed here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b0, self.b1, self.head = _Block(), _Block(), nn.Linear(8, 3)
+
+
+@pytest.mark.skipif(MODEL_BINARY is None, reason="checkpointer_model_test (tests/cpp/torch) is not built")
+def test_cpp_sharded_trainer_checkpoint_loads_in_python(tmp_path):
+    """A ShardedModel + AdamW checkpoint from 2 C++ ranks (3 steps) loads into an unsharded Python model and a
+    tessera AdamW on 1 rank: full tensors from both ranks' pieces, the optimizer's moments and step counts."""
+    root = str(tmp_path / "cpp_model")
+    _run("SaveAndLoadLatestBitExactOverTwoRanks", MODEL_BINARY, TESSERA_CPP_SAVE_DIR=root)
+    reader = _C.CheckpointReader(root, 3)
+    assert reader.world_size == 2
+    saved = dict(reader.tensors)
+
+    def full(name):
+        dtype, shape = saved[name]
+        buf = torch.empty(torch.Size(shape).numel(), dtype=getattr(torch, dtype))
+        reader.read(name, 0, buf)
+        return buf.reshape(shape)
+
+    model = _Net()
+    opt = AdamW(model.parameters())
+    train = {}
+    assert Checkpointer(root, read_only=True).load_latest({"model": model, "optim": opt, "train": train}) == 3
+    assert train == {"step": 3, "tokens": 96}
+    assert opt.param_groups[0]["lr"] == 0.01
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), full(f"model/{name}")), name
+        assert torch.equal(opt.state[p]["exp_avg"], full(f"optim/{name}/exp_avg")), name
+        assert torch.count_nonzero(opt.state[p]["exp_avg_sq"]) > 0, name
+        assert float(opt.state[p]["step"]) == 3.0, name
