@@ -1,0 +1,170 @@
+// The C++ Checkpointer with the real C++ trainer API: a small torch::nn model sharded by ShardedModel over 2 ranks
+// (threads over comm::LocalCommunicator, agreement through an InMemoryStore), a few AdamW steps, Save; then a
+// fresh model and optimizer LoadLatest and every shard, moment and step count is compared bit for bit, and one
+// more step on both gives the same parameters.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <thread>
+
+#include <torch/torch.h>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "tessera/api/adamw.h"
+#include "tessera/api/checkpointer.h"
+#include "tessera/api/sharded.h"
+#include "tessera/checkpoint/storage.h"
+#include "tessera/comm/local/local_communicator.h"
+#include "tessera/core/status.h"
+
+namespace tessera::checkpoint {
+namespace {
+
+struct BlockImpl : torch::nn::Module {
+  BlockImpl() { fc = register_module("fc", torch::nn::Linear(8, 8)); }
+  at::Tensor forward(const at::Tensor& x) { return torch::tanh(fc(x)) + x; }
+  torch::nn::Linear fc{nullptr};
+};
+TORCH_MODULE(Block);
+
+struct NetImpl : torch::nn::Module {
+  NetImpl() {
+    b0 = register_module("b0", Block());
+    b1 = register_module("b1", Block());
+    head = register_module("head", torch::nn::Linear(8, 3));
+  }
+  at::Tensor forward(const at::Tensor& x) {
+    at::Tensor h = x;
+    for (auto& run : blocks) h = run(h);
+    return head(h);
+  }
+  Block b0{nullptr}, b1{nullptr};
+  torch::nn::Linear head{nullptr};
+  std::vector<std::function<at::Tensor(const at::Tensor&)>> blocks;  // the sharded blocks
+};
+TORCH_MODULE(Net);
+
+// One rank's model, sharded, and its optimizer.
+struct Trainer {
+  Net net;
+  std::unique_ptr<ShardedModel> fsdp;
+  std::vector<Sharded<Block>> blocks;
+  Sharded<Net> root;
+  std::unique_ptr<optim::AdamW> opt;
+  std::map<std::string, int64_t> train;
+
+  static absl::StatusOr<std::unique_ptr<Trainer>> Make(std::shared_ptr<comm::Communicator> comm, double scale) {
+    auto t = std::make_unique<Trainer>();
+    {  // deterministic values (threads share torch's generator)
+      at::NoGradGuard no_grad;
+      int i = 0;
+      for (auto& p : t->net->parameters()) {
+        p.copy_(at::arange(p.numel(), at::kFloat).mul(0.07 * ++i).sin().mul(scale).reshape(p.sizes()));
+      }
+    }
+    t->fsdp = std::make_unique<ShardedModel>(std::move(comm));
+    for (auto [name, block] : {std::pair<const char*, Block>{"b0", t->net->b0}, {"b1", t->net->b1}}) {
+      TESSERA_ASSIGN_OR_RETURN(Sharded<Block> s, Shard(*t->fsdp, block, name));
+      t->blocks.push_back(s);
+    }
+    for (size_t i = 0; i < t->blocks.size(); ++i) {
+      t->net->blocks.push_back([t = t.get(), i](const at::Tensor& x) { return t->blocks[i](x); });
+    }
+    TESSERA_ASSIGN_OR_RETURN(t->root, ShardRoot(*t->fsdp, t->net));
+    optim::AdamWOptions o;
+    o.lr = 0.01;
+    TESSERA_ASSIGN_OR_RETURN(t->opt, optim::AdamW::Create(*t->fsdp, o));
+    return t;
+  }
+
+  absl::Status Step(int rank, int i) {
+    at::Tensor x = at::arange(32, at::kFloat).reshape({4, 8}).mul(0.01 * (rank + 1) * (i + 1)).cos();
+    try {
+      root(x).square().mean().backward();
+    } catch (const StatusError& e) {
+      return e.status();
+    }
+    TESSERA_RETURN_IF_ERROR(opt->Step());
+    opt->ZeroGrad();
+    return absl::OkStatus();
+  }
+
+  TrainingState State() { return {fsdp.get(), opt.get(), &train}; }
+};
+
+bool BitEqual(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == b.scalar_type() && a.numel() == b.numel() &&
+         std::memcmp(a.contiguous().data_ptr(), b.contiguous().data_ptr(), a.nbytes()) == 0;
+}
+
+absl::Status Compare(Trainer& got, Trainer& want) {
+  auto cmp = [](const std::vector<CheckpointTensor>& g, const std::vector<CheckpointTensor>& w) -> absl::Status {
+    if (g.size() != w.size()) return absl::InternalError("different numbers of checkpoint tensors");
+    for (size_t i = 0; i < g.size(); ++i) {
+      if (g[i].name != w[i].name || !BitEqual(g[i].local, w[i].local)) {
+        return absl::InternalError(absl::StrCat(w[i].name, " differs"));
+      }
+    }
+    return absl::OkStatus();
+  };
+  TESSERA_RETURN_IF_ERROR(cmp(got.fsdp->CheckpointTensors("model"), want.fsdp->CheckpointTensors("model")));
+  TESSERA_RETURN_IF_ERROR(cmp(got.opt->CheckpointTensors("optim", true), want.opt->CheckpointTensors("optim", true)));
+  for (int u = 0; u < want.fsdp->num_units(); ++u) {
+    for (size_t i = 0; i < want.fsdp->param_names(u).size(); ++i) {
+      if (got.opt->step_count(u, i) != want.opt->step_count(u, i)) return absl::InternalError("step counts differ");
+    }
+  }
+  if (got.train != want.train) return absl::InternalError("train differs");
+  return absl::OkStatus();
+}
+
+TEST(CheckpointerModel, SaveAndLoadLatestBitExactOverTwoRanks) {
+  // TESSERA_CPP_SAVE_DIR: save there and keep it (tests/python/checkpoint/test_cpp_checkpoint_format.py loads it).
+  const char* keep = std::getenv("TESSERA_CPP_SAVE_DIR");
+  std::string root = keep != nullptr ? std::string(keep)
+                                     : absl::StrCat(std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp",
+                                                    "/tessera_ckmodel_XXXXXX");
+  if (keep == nullptr) {
+    ASSERT_NE(::mkdtemp(root.data()), nullptr);
+  }
+  auto comms = comm::LocalWorld::CreateCommunicators(2);
+  ASSERT_TRUE(comms.ok()) << comms.status();
+  auto comms2 = comm::LocalWorld::CreateCommunicators(2);
+  ASSERT_TRUE(comms2.ok()) << comms2.status();
+  auto store = std::make_shared<comm::InMemoryStore>();
+  std::vector<absl::Status> st(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    std::shared_ptr<comm::Communicator> c1 = std::move((*comms)[r]), c2 = std::move((*comms2)[r]);
+    threads.emplace_back([&, r, c1, c2] {
+      st[r] = [&]() -> absl::Status {
+        TESSERA_ASSIGN_OR_RETURN(auto ck, Checkpointer::Create(root, r, 2, store));
+        TESSERA_ASSIGN_OR_RETURN(auto a, Trainer::Make(c1, 1.0));
+        for (int i = 0; i < 3; ++i) TESSERA_RETURN_IF_ERROR(a->Step(r, i));
+        a->train = {{"step", 3}, {"tokens", 96}};
+        TESSERA_RETURN_IF_ERROR(ck->Save(3, a->State()));
+        TESSERA_RETURN_IF_ERROR(ck->Wait());
+
+        TESSERA_ASSIGN_OR_RETURN(auto b, Trainer::Make(c2, 0.5));  // other values, no optimizer state
+        if (Compare(*b, *a).ok()) return absl::InternalError("the fresh model already equals the trained one");
+        TESSERA_ASSIGN_OR_RETURN(std::optional<int64_t> step, ck->LoadLatest(b->State()));
+        if (step != 3) return absl::InternalError("LoadLatest did not load step 3");
+        TESSERA_RETURN_IF_ERROR(Compare(*b, *a));
+        TESSERA_RETURN_IF_ERROR(a->Step(r, 3));  // one more step on both: the same values
+        TESSERA_RETURN_IF_ERROR(b->Step(r, 3));
+        return Compare(*b, *a);
+      }();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < 2; ++r) EXPECT_TRUE(st[r].ok()) << "rank " << r << ": " << st[r];
+  auto storage = NewLocalStorage(root);
+  if (storage.ok() && keep == nullptr) (void)(*storage)->RemoveAll("");
+}
+
+}  // namespace
+}  // namespace tessera::checkpoint
