@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <cstring>
@@ -238,6 +239,40 @@ TEST(CheckpointerModel, DamagedNewestFallsBackToOlderAndEmptyIsNullopt) {
   for (int r = 0; r < 2; ++r) EXPECT_TRUE(st[r].ok()) << "rank " << r << ": " << st[r];
   auto storage = NewLocalStorage(root);
   if (storage.ok()) (void)(*storage)->RemoveAll("");
+}
+
+// Loads $TESSERA_PY_LOAD_DIR (Python: the same parameter names, a tessera AdamW, a "train" dict) into a 1-rank
+// ShardedModel + AdamW and prints what it got, for tests/python/checkpoint/test_cpp_checkpoint_format.py.
+TEST(CppFormat, LoadModelFromPython) {
+  const char* dir = std::getenv("TESSERA_PY_LOAD_DIR");
+  if (dir == nullptr) GTEST_SKIP() << "run by test_cpp_checkpoint_format.py";
+  auto comms = comm::LocalWorld::CreateCommunicators(1);
+  ASSERT_TRUE(comms.ok()) << comms.status();
+  auto t = Trainer::Make(std::move((*comms)[0]), 0.5);
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto ck = Checkpointer::Create(dir, 0, 1, nullptr);
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  auto step = (*ck)->LoadLatest((*t)->State());
+  ASSERT_TRUE(step.ok()) << step.status();
+  ASSERT_TRUE(step->has_value());
+  std::printf("LOADED step %lld\n", static_cast<long long>(**step));
+  const optim::AdamWOptions& o = (*t)->opt->options();
+  std::printf("OPTIONS lr %.17g betas %.17g %.17g eps %.17g weight_decay %.17g\n", o.lr, o.beta1, o.beta2, o.eps,
+              o.weight_decay);
+  for (const auto& list : {(*t)->fsdp->CheckpointTensors("model"), (*t)->opt->CheckpointTensors("optim", true)}) {
+    for (const CheckpointTensor& c : list) {
+      std::printf("TENSOR %s", c.name.c_str());
+      for (int64_t i = 0; i < c.local.numel(); ++i) std::printf(" %a", c.local.data_ptr<float>()[i]);
+      std::printf("\n");
+    }
+  }
+  for (int u = 0; u < (*t)->fsdp->num_units(); ++u) {
+    for (size_t i = 0; i < (*t)->fsdp->param_names(u).size(); ++i) {
+      std::printf("STEPS %s %lld\n", (*t)->fsdp->param_names(u)[i].c_str(),
+                  static_cast<long long>((*t)->opt->step_count(u, static_cast<int64_t>(i))));
+    }
+  }
+  for (const auto& [k, v] : (*t)->train) std::printf("TRAIN %s %lld\n", k.c_str(), static_cast<long long>(v));
 }
 
 }  // namespace
