@@ -354,6 +354,25 @@ struct Staged {
   at::Tensor values;  // CPU, dst->local.numel() elements; undefined: not in the checkpoint (zero it)
 };
 
+// [Note: jsonio tags] Python writes its extras through python/tessera/checkpoint/jsonio.py, which tags what JSON
+// has no type for: tuples as {"__tuple__": [...]} (AdamW's betas), int dict keys as "__int__<n>". Python decodes
+// them before restoring a state; so does this side, into plain arrays and keys, before the optimizer sees its
+// JSON. (Tensor records, "__tensor__" / "__ndarray__", stay as they are: AdamW's state has none.)
+json DecodeJsonioTags(const json& j) {
+  if (j.is_array()) {
+    json out = json::array();
+    for (const json& v : j) out.push_back(DecodeJsonioTags(v));
+    return out;
+  }
+  if (!j.is_object()) return j;
+  if (j.size() == 1 && j.contains("__tuple__") && j["__tuple__"].is_array()) return DecodeJsonioTags(j["__tuple__"]);
+  json out = json::object();
+  for (const auto& [k, v] : j.items()) {
+    out[k.rfind("__int__", 0) == 0 ? k.substr(7) : k] = DecodeJsonioTags(v);
+  }
+  return out;
+}
+
 // Reads everything this rank needs into fresh CPU tensors (python: _read_all); `state` is not modified, except
 // the optimizer's JSON part, which `load_optim_json` applies here (the caller restores it on failure).
 absl::Status ReadAll(CheckpointReader& reader, const CheckpointContents& c,
@@ -447,7 +466,7 @@ absl::Status ReadAll(CheckpointReader& reader, const CheckpointContents& c,
     TESSERA_RETURN_IF_ERROR(reader.Read(t.name, t.load_start, v));
   }
   if (optim_json != nullptr) {
-    TESSERA_RETURN_IF_ERROR_CTX(c.load_optim_json(optim_json->dump()), "checkpoint entry 'optim'");
+    TESSERA_RETURN_IF_ERROR_CTX(c.load_optim_json(DecodeJsonioTags(*optim_json).dump()), "checkpoint entry 'optim'");
   }
   return absl::OkStatus();
 }

@@ -5,7 +5,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <cstring>
 #include <functional>
 #include <thread>
@@ -164,6 +167,112 @@ TEST(CheckpointerModel, SaveAndLoadLatestBitExactOverTwoRanks) {
   for (int r = 0; r < 2; ++r) EXPECT_TRUE(st[r].ok()) << "rank " << r << ": " << st[r];
   auto storage = NewLocalStorage(root);
   if (storage.ok() && keep == nullptr) (void)(*storage)->RemoveAll("");
+}
+
+// Copies of a trainer's checkpoint tensors, to compare against later.
+std::vector<at::Tensor> Snapshot(Trainer& t) {
+  std::vector<at::Tensor> out;
+  for (const auto& c : t.fsdp->CheckpointTensors("model")) out.push_back(c.local.clone());
+  for (const auto& c : t.opt->CheckpointTensors("optim", true)) out.push_back(c.local.clone());
+  return out;
+}
+
+// No checkpoint: nullopt and the model untouched. Then steps 2 and 3 are saved and a bit of rank 0's data file
+// of step 3 is flipped: every rank skips step 3 and loads step 2 (compared with a copy taken at step 2).
+TEST(CheckpointerModel, DamagedNewestFallsBackToOlderAndEmptyIsNullopt) {
+  std::string root = absl::StrCat(std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp", "/tessera_ckmodel_XXXXXX");
+  ASSERT_NE(::mkdtemp(root.data()), nullptr);
+  auto comms = comm::LocalWorld::CreateCommunicators(2);
+  ASSERT_TRUE(comms.ok()) << comms.status();
+  auto comms2 = comm::LocalWorld::CreateCommunicators(2);
+  ASSERT_TRUE(comms2.ok()) << comms2.status();
+  auto store = std::make_shared<comm::InMemoryStore>();
+  std::vector<absl::Status> st(2);
+  std::vector<std::thread> threads;
+  std::atomic<int> saved{0};
+  for (int r = 0; r < 2; ++r) {
+    std::shared_ptr<comm::Communicator> c1 = std::move((*comms)[r]), c2 = std::move((*comms2)[r]);
+    threads.emplace_back([&, r, c1, c2] {
+      st[r] = [&]() -> absl::Status {
+        TESSERA_ASSIGN_OR_RETURN(auto ck, Checkpointer::Create(root, r, 2, store));
+        TESSERA_ASSIGN_OR_RETURN(auto a, Trainer::Make(c1, 1.0));
+        std::vector<at::Tensor> before = Snapshot(*a);
+        TESSERA_ASSIGN_OR_RETURN(std::optional<int64_t> none, ck->LoadLatest(a->State()));
+        if (none.has_value()) return absl::InternalError("LoadLatest found a checkpoint in an empty directory");
+        std::vector<at::Tensor> after = Snapshot(*a);
+        for (size_t i = 0; i < before.size(); ++i) {
+          if (!BitEqual(before[i], after[i])) return absl::InternalError("an empty LoadLatest changed the model");
+        }
+        for (int i = 0; i < 2; ++i) TESSERA_RETURN_IF_ERROR(a->Step(r, i));
+        a->train = {{"step", 2}};
+        TESSERA_RETURN_IF_ERROR(ck->Save(2, a->State()));
+        std::vector<at::Tensor> at2 = Snapshot(*a);
+        TESSERA_RETURN_IF_ERROR(a->Step(r, 2));
+        a->train = {{"step", 3}};
+        TESSERA_RETURN_IF_ERROR(ck->Save(3, a->State()));
+        TESSERA_RETURN_IF_ERROR(ck->Wait());
+        if (r == 0) {  // flip a bit of rank 0's first piece of step 3 (after the 64-byte header)
+          std::fstream f(root + "/step-0000000003/rank-00000.bin", std::ios::in | std::ios::out | std::ios::binary);
+          char c = 0;
+          f.seekg(64 + 4);
+          f.read(&c, 1);
+          c ^= 0x01;
+          f.seekp(64 + 4);
+          f.write(&c, 1);
+        }
+        saved.fetch_add(1);
+        while (saved.load() < 2) std::this_thread::yield();  // both saved, the file damaged
+
+        TESSERA_ASSIGN_OR_RETURN(auto b, Trainer::Make(c2, 0.5));
+        TESSERA_ASSIGN_OR_RETURN(std::optional<int64_t> step, ck->LoadLatest(b->State()));
+        if (step != 2) return absl::InternalError(absl::StrCat("loaded step ", step.value_or(-1), ", expected 2"));
+        std::vector<at::Tensor> got = Snapshot(*b);
+        for (size_t i = 0; i < at2.size(); ++i) {
+          if (!BitEqual(got[i], at2[i])) return absl::InternalError("step 2 loaded other values");
+        }
+        return b->train == std::map<std::string, int64_t>{{"step", 2}} ? absl::OkStatus()
+                                                                       : absl::InternalError("train differs");
+      }();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < 2; ++r) EXPECT_TRUE(st[r].ok()) << "rank " << r << ": " << st[r];
+  auto storage = NewLocalStorage(root);
+  if (storage.ok()) (void)(*storage)->RemoveAll("");
+}
+
+// Loads $TESSERA_PY_LOAD_DIR (Python: the same parameter names, a tessera AdamW, a "train" dict) into a 1-rank
+// ShardedModel + AdamW and prints what it got, for tests/python/checkpoint/test_cpp_checkpoint_format.py.
+TEST(CppFormat, LoadModelFromPython) {
+  const char* dir = std::getenv("TESSERA_PY_LOAD_DIR");
+  if (dir == nullptr) GTEST_SKIP() << "run by test_cpp_checkpoint_format.py";
+  auto comms = comm::LocalWorld::CreateCommunicators(1);
+  ASSERT_TRUE(comms.ok()) << comms.status();
+  auto t = Trainer::Make(std::move((*comms)[0]), 0.5);
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto ck = Checkpointer::Create(dir, 0, 1, nullptr);
+  ASSERT_TRUE(ck.ok()) << ck.status();
+  auto step = (*ck)->LoadLatest((*t)->State());
+  ASSERT_TRUE(step.ok()) << step.status();
+  ASSERT_TRUE(step->has_value());
+  std::printf("LOADED step %lld\n", static_cast<long long>(**step));
+  const optim::AdamWOptions& o = (*t)->opt->options();
+  std::printf("OPTIONS lr %.17g betas %.17g %.17g eps %.17g weight_decay %.17g\n", o.lr, o.beta1, o.beta2, o.eps,
+              o.weight_decay);
+  for (const auto& list : {(*t)->fsdp->CheckpointTensors("model"), (*t)->opt->CheckpointTensors("optim", true)}) {
+    for (const CheckpointTensor& c : list) {
+      std::printf("TENSOR %s", c.name.c_str());
+      for (int64_t i = 0; i < c.local.numel(); ++i) std::printf(" %a", c.local.data_ptr<float>()[i]);
+      std::printf("\n");
+    }
+  }
+  for (int u = 0; u < (*t)->fsdp->num_units(); ++u) {
+    for (size_t i = 0; i < (*t)->fsdp->param_names(u).size(); ++i) {
+      std::printf("STEPS %s %lld\n", (*t)->fsdp->param_names(u)[i].c_str(),
+                  static_cast<long long>((*t)->opt->step_count(u, static_cast<int64_t>(i))));
+    }
+  }
+  for (const auto& [k, v] : (*t)->train) std::printf("TRAIN %s %lld\n", k.c_str(), static_cast<long long>(v));
 }
 
 }  // namespace

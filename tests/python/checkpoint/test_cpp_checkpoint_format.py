@@ -94,6 +94,9 @@ def test_python_checkpoint_loads_in_cpp(tmp_path):
         opt.zero_grad()
     Checkpointer(root).save(7, {"model": model, "optim": opt, "train": {"step": 7, "tokens": 99}}).wait()
     expected_json = json.loads(_C.CheckpointReader(root, 7).global_json)["optim"]
+    # jsonio's tuple tag is decoded before the optimizer sees its JSON ([Note: jsonio tags] in checkpointer.cc).
+    assert expected_json["groups"][0]["hyper"]["betas"] == {"__tuple__": [0.9, 0.999]}
+    expected_json["groups"][0]["hyper"]["betas"] = [0.9, 0.999]
 
     out = _run("LoadFromPython", TESSERA_PY_LOAD_DIR=root)
     lines = out.splitlines()
@@ -156,3 +159,41 @@ def test_cpp_sharded_trainer_checkpoint_loads_in_python(tmp_path):
         assert torch.equal(opt.state[p]["exp_avg"], full(f"optim/{name}/exp_avg")), name
         assert torch.count_nonzero(opt.state[p]["exp_avg_sq"]) > 0, name
         assert float(opt.state[p]["step"]) == 3.0, name
+
+
+@pytest.mark.skipif(MODEL_BINARY is None, reason="checkpointer_model_test (tests/cpp/torch) is not built")
+def test_python_checkpoint_loads_into_cpp_sharded_model_and_adamw(tmp_path):
+    """Python's model + tessera AdamW (betas saved as a jsonio tuple, step counts as floats) load into the C++
+    ShardedModel + optim::AdamW: values bit for bit, hyperparameters and step counts."""
+    root = str(tmp_path / "py_model")
+    model = _Net()
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.copy_(torch.linspace(-1, 1, p.numel()).reshape(p.shape) * (i + 1))
+    opt = AdamW(model.parameters(), lr=0.02, betas=(0.8, 0.9), eps=1e-7, weight_decay=0.05)
+    for k in range(2):
+        for i, p in enumerate(model.parameters()):
+            if k == 1 and i == 5:  # head.bias takes one step only
+                p.grad = None
+                continue
+            p.grad = torch.cos(torch.arange(p.numel(), dtype=torch.float32) * (i + 1 + k)).reshape(p.shape)
+        opt.step()
+    Checkpointer(root).save(5, {"model": model, "optim": opt, "train": {"step": 5}}).wait()
+
+    out = _run("LoadModelFromPython", MODEL_BINARY, TESSERA_PY_LOAD_DIR=root)
+    lines = out.splitlines()
+    assert "LOADED step 5" in lines
+    # "OPTIONS lr <lr> betas <b1> <b2> eps <eps> weight_decay <wd>", each %.17g (exact doubles)
+    _, _, lr, _, b1, b2, _, eps, _, wd = next(line for line in lines if line.startswith("OPTIONS ")).split()
+    assert [float(v) for v in (lr, b1, b2, eps, wd)] == [0.02, 0.8, 0.9, 1e-7, 0.05]
+    tensors = {}
+    for line in lines:
+        if line.startswith("TENSOR "):
+            name, *values = line.split()[1:]
+            tensors[name] = torch.tensor([float.fromhex(v) for v in values], dtype=torch.float32)
+    for name, p in model.named_parameters():
+        assert torch.equal(tensors[f"model/{name}"], p.detach().reshape(-1)), name
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(tensors[f"optim/{name}/{k}"], opt.state[p][k].reshape(-1)), (name, k)
+        assert f"STEPS {name} {int(opt.state[p]['step'])}" in lines, name
+    assert "TRAIN step 5" in lines
