@@ -156,23 +156,30 @@ absl::Status AdamW::LoadStateJson(const std::string& text) {
         "AdamW: optimizer state is not {\"groups\": [one group], \"scalars\": {...}} (a tessera.optim.AdamW over "
         "one parameter group saves that)");
   }
+  // Everything is read and checked before anything changes. The Python path writes betas as a tuple tag
+  // ({"__tuple__": [b1, b2]}, python/tessera/checkpoint/jsonio.py) and step counts as floats.
+  AdamWOptions next;
+  std::vector<std::vector<int64_t>> steps = steps_;
   try {
     const nlohmann::json& hyper = j["groups"][0].at("hyper");
-    options_.lr = hyper.at("lr").get<double>();
-    options_.beta1 = hyper.at("betas").at(0).get<double>();
-    options_.beta2 = hyper.at("betas").at(1).get<double>();
-    options_.eps = hyper.at("eps").get<double>();
-    options_.weight_decay = hyper.at("weight_decay").get<double>();
+    const nlohmann::json& betas = hyper.at("betas").is_object() ? hyper.at("betas").at("__tuple__") : hyper.at("betas");
+    next.lr = hyper.at("lr").get<double>();
+    next.beta1 = betas.at(0).get<double>();
+    next.beta2 = betas.at(1).get<double>();
+    next.eps = hyper.at("eps").get<double>();
+    next.weight_decay = hyper.at("weight_decay").get<double>();
     const nlohmann::json& scalars = j["scalars"];
     for (int u = 0; u < model_.num_units(); ++u) {
       for (int64_t i = 0; i < model_.unit(u).num_trainable(); ++i) {
         auto it = scalars.find(model_.param_names(u)[i]);
-        steps_[u][i] = it == scalars.end() ? 0 : static_cast<int64_t>(std::llround(it->at("step").get<double>()));
+        steps[u][i] = it == scalars.end() ? 0 : static_cast<int64_t>(std::llround(it->at("step").get<double>()));
       }
     }
   } catch (const nlohmann::json::exception& e) {
     return absl::InvalidArgumentError(absl::StrFormat("AdamW: malformed optimizer state: %s", e.what()));
   }
+  options_ = next;
+  steps_ = std::move(steps);
   return absl::OkStatus();
 }
 

@@ -45,6 +45,30 @@ bool CudaAvailable() {
 #endif
 }
 
+// Every key under a prefix, so that the keys of one attempt of a job never meet those of an earlier one.
+class PrefixedStore final : public comm::KeyValueStore {
+ public:
+  PrefixedStore(std::shared_ptr<comm::KeyValueStore> inner, std::string prefix)
+      : inner_(std::move(inner)), prefix_(std::move(prefix)) {}
+  absl::Status Set(const std::string& key, const std::string& value) override { return inner_->Set(prefix_ + key, value); }
+  absl::StatusOr<std::vector<std::optional<std::string>>> TryGet(absl::Span<const std::string> keys) override {
+    return inner_->TryGet(Prefixed(keys));
+  }
+  absl::Status Wait(absl::Span<const std::string> keys, absl::Duration timeout) override {
+    return inner_->Wait(Prefixed(keys), timeout);
+  }
+  absl::Status Delete(const std::string& key) override { return inner_->Delete(prefix_ + key); }
+
+ private:
+  std::vector<std::string> Prefixed(absl::Span<const std::string> keys) const {
+    std::vector<std::string> out;
+    for (const auto& k : keys) out.push_back(prefix_ + k);
+    return out;
+  }
+  std::shared_ptr<comm::KeyValueStore> inner_;
+  std::string prefix_;
+};
+
 }  // namespace
 
 absl::StatusOr<WorldOptions> WorldOptions::FromEnv() {
@@ -53,6 +77,7 @@ absl::StatusOr<WorldOptions> WorldOptions::FromEnv() {
   TESSERA_ASSIGN_OR_RETURN(o.rank, IntVar("RANK", 0, 0));
   TESSERA_ASSIGN_OR_RETURN(o.local_rank, IntVar("LOCAL_RANK", 0, 0));
   TESSERA_ASSIGN_OR_RETURN(o.master_port, IntVar("MASTER_PORT", 29500, 1));
+  TESSERA_ASSIGN_OR_RETURN(o.restart_count, IntVar("TORCHELASTIC_RESTART_COUNT", 0, 0));
   if (o.rank >= o.world_size) {
     return absl::InvalidArgumentError(
         absl::StrFormat("environment: RANK=%d is not below WORLD_SIZE=%d", o.rank, o.world_size));
@@ -90,20 +115,21 @@ absl::StatusOr<std::unique_ptr<World>> World::Init(const WorldOptions& options) 
     return absl::UnavailableError(absl::StrFormat("World: rank %d could not reach the store at %s:%d: %s",
                                                   options.rank, options.master_addr, options.master_port, e.what()));
   }
-  world->store_ = std::make_shared<comm::C10dStore>(tcp);
+  world->store_ = std::make_shared<PrefixedStore>(std::make_shared<comm::C10dStore>(tcp),
+                                                 absl::StrFormat("tessera/%d/", options.restart_count));
 
   std::shared_ptr<comm::Communicator> communicator;
   if (backend == Backend::kGloo) {
     TESSERA_ASSIGN_OR_RETURN(
         communicator,
         comm::CreateGlooCommunicatorIsolated(options.gloo_plugin, options.rank, options.world_size, world->store_,
-                                             "tessera/world/gloo", options.init_timeout,
+                                             "world/gloo", options.init_timeout,
                                              // one host: the loopback address (the machine's name may not resolve)
                                              IsLoopback(options.master_addr) ? "127.0.0.1" : ""));
   } else {
 #if defined(TESSERA_WITH_CUDA)
     // Rank 0 makes the NCCL id; every rank reads it from the store.
-    const std::string key = "tessera/world/nccl_id";
+    const std::string key = "world/nccl_id";
     if (options.rank == 0) {
       TESSERA_ASSIGN_OR_RETURN(std::string id, comm::NcclCommunicator::NewUniqueId());
       TESSERA_RETURN_IF_ERROR(world->store_->Set(key, id));

@@ -25,6 +25,9 @@ struct WorldOptions {
   int master_port = 29500;
   // torchrun hosts the store itself (TORCHELASTIC_USE_AGENT_STORE=True): every rank is then a client.
   bool store_is_external = false;
+  // Which attempt of the job this is (torchrun's TORCHELASTIC_RESTART_COUNT): the store outlives restarts under
+  // torchrun, so every key this World (and the checkpointer, through store()) sets is under "tessera/<attempt>/".
+  int restart_count = 0;
   Backend backend = Backend::kAuto;
   absl::Duration init_timeout = absl::Minutes(10);       // store connection and communicator set-up
   absl::Duration collective_timeout = absl::Minutes(5);  // the cap on every collective (Communicator::set_timeout_cap)
@@ -50,8 +53,8 @@ class World {
   // Where this rank's model and data live: cpu, or cuda:local_rank under NCCL.
   at::Device device() const { return device_; }
   const std::shared_ptr<comm::Communicator>& comm() const { return comm_; }
-  // The key-value store every rank reaches (c10d's TCPStore), for agreement outside the collectives
-  // (the checkpointer's).
+  // The key-value store every rank reaches (c10d's TCPStore, keys under "tessera/<attempt>/"), for agreement
+  // outside the collectives (the checkpointer's).
   const std::shared_ptr<comm::KeyValueStore>& store() const { return store_; }
   absl::Status Barrier();
 

@@ -1,8 +1,8 @@
 // llama_trainer: trains a Llama (llama.h, libtorch modules) from a Hugging Face directory on a token file, sharded
 // across the ranks of a torchrun-style job with tessera's C++ API (no Python).
 //
-//   torchrun --nproc-per-node 2 --no-python ./llama_trainer --hf-dir DIR --tokens FILE --steps 20 --batch 2 \
-//       --seq 64 --lr 1e-4 [--weight-decay 0.0] [--max-grad-norm 1.0] [--checkpoint-dir D] [--save-every N] \
+//   torchrun --nproc-per-node 2 --no-python ./llama_trainer --hf-dir DIR --tokens FILE --steps 20 --batch 2
+//       --seq 64 --lr 1e-4 [--weight-decay 0.0] [--max-grad-norm 1.0] [--checkpoint-dir D] [--save-every N]
 //       [--dump-params DIR]
 //
 // Data: FILE holds raw little-endian uint32 tokens. Window w is tokens [w * (seq + 1), (w + 1) * (seq + 1)): the
