@@ -9,6 +9,8 @@
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
 
+#include <signal.h>
+
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -306,6 +308,24 @@ GlooCommunicator::~GlooCommunicator() {
   if (state_->worker.joinable()) state_->worker.join();
 }
 
+namespace {
+
+// gloo's tcp transport writes to sockets without MSG_NOSIGNAL: a write to a peer that died raises SIGPIPE, whose
+// default action ends the process at once (exit 141) instead of letting the collective fail with Unavailable
+// naming the peer. Python ignores SIGPIPE at start-up, so the Python path never saw it; a C++ trainer does not.
+// Only the default action is replaced: a handler the program installed itself is left alone.
+void IgnoreSigpipe() {
+  struct sigaction current {};
+  if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
+    struct sigaction ignore {};
+    ignore.sa_handler = SIG_IGN;
+    sigemptyset(&ignore.sa_mask);
+    sigaction(SIGPIPE, &ignore, nullptr);
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(int rank, int size,
                                                                           std::shared_ptr<KeyValueStore> store,
                                                                           std::string prefix, absl::Duration timeout,
@@ -314,6 +334,7 @@ absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(int r
     return absl::InvalidArgumentError(
         absl::StrFormat("gloo communicator '%s': rank %d is outside a world of %d ranks", prefix, rank, size));
   }
+  IgnoreSigpipe();
   if (store == nullptr) {
     return absl::InvalidArgumentError(absl::StrFormat("gloo communicator '%s': no store to meet through", prefix));
   }
