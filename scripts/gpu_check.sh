@@ -14,7 +14,8 @@
 #           work on its stream is reported and aborted) and `tessera doctor` on the GPU (GEMM, memory test, H2D/D2H,
 #           NCCL busbw, NVML); needs the python step's install (and build-gpu/ from the cpp step for the C++ test)
 #   trainer the C++ trainer (examples/cpp/llama_trainer, built against the installed package by
-#           scripts/build_cpp_trainer.sh) at world size 1 on NCCL: 8 steps of a tiny random Llama; its loss must fall
+#           scripts/build_cpp_trainer.sh) at world size 1 on NCCL: 8 steps of a tiny random Llama on one repeated
+#           window; its loss must fall
 # Usage: scripts/gpu_check.sh [cpp] [python] [bench] [recipe] [resilience] [trainer]
 #        (no argument: cpp python bench, in that order)
 #   CPP_TARGETS="cuda_kernels_test comm_test"  builds only those targets (default: all);
@@ -168,8 +169,11 @@ trainer_build() { PYTHON="$PYTHON" bash scripts/build_cpp_trainer.sh; }
 trainer_run() {
   local d=/tmp/tessera-cpp-trainer
   rm -rf "$d" && mkdir -p "$d"
-  PYTHONPATH="$ROOT/tests/python/cpp" "$PYTHON" -c "import sys; from pathlib import Path; import trainer_runs as t; \
-d = Path(sys.argv[1]); t.make_hf_dir(d / 'hf'); t.make_tokens(d / 'tokens.bin', 8 * 4 * 65, 250)" "$d" || return 1
+  # One 65-token window repeated: a model that trains memorizes it, so the loss must fall within 8 steps.
+  PYTHONPATH="$ROOT/tests/python/cpp" "$PYTHON" -c "import sys; from pathlib import Path; import numpy as np; \
+import trainer_runs as t; d = Path(sys.argv[1]); t.make_hf_dir(d / 'hf'); \
+np.tile(np.random.default_rng(0).integers(0, 250, 65, dtype=np.uint32), 32).astype('<u4').tofile(d / 'tokens.bin')" \
+    "$d" || return 1
   RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29531 ./build/llama_trainer/llama_trainer \
     --hf-dir "$d/hf" --tokens "$d/tokens.bin" --steps 8 --batch 4 --seq 64 --lr 3e-3 | tee "$LOG_DIR/trainer.txt"
   "$PYTHON" -c "import re, sys; l = [float(x) for x in re.findall(r'^step \d+ loss (\S+)$', open(sys.argv[1]).read(), re.M)]; \
