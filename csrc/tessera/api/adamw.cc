@@ -101,7 +101,7 @@ absl::Status AdamW::Step() {
 void AdamW::ZeroGrad() {
   for (int u = 0; u < model_.num_units(); ++u) {
     for (const at::Tensor& p : model_.unit(u).sharded_params()) {
-      if (p.grad().defined()) const_cast<at::Tensor&>(p).mutable_grad() = at::Tensor();
+      if (p.grad().defined()) p.mutable_grad() = at::Tensor();
     }
   }
 }
@@ -156,13 +156,13 @@ absl::Status AdamW::LoadStateJson(const std::string& text) {
         "AdamW: optimizer state is not {\"groups\": [one group], \"scalars\": {...}} (a tessera.optim.AdamW over "
         "one parameter group saves that)");
   }
-  // Everything is read and checked before anything changes. The Python path writes betas as a tuple tag
-  // ({"__tuple__": [b1, b2]}, python/tessera/checkpoint/jsonio.py) and step counts as floats.
+  // Everything is read and checked before anything changes. Step counts may be floats (the Python path saves
+  // them so); jsonio's tags ({"__tuple__": ...}) are decoded by the checkpointer before this sees the object.
   AdamWOptions next;
   std::vector<std::vector<int64_t>> steps = steps_;
   try {
     const nlohmann::json& hyper = j["groups"][0].at("hyper");
-    const nlohmann::json& betas = hyper.at("betas").is_object() ? hyper.at("betas").at("__tuple__") : hyper.at("betas");
+    const nlohmann::json& betas = hyper.at("betas");
     next.lr = hyper.at("lr").get<double>();
     next.beta1 = betas.at(0).get<double>();
     next.beta2 = betas.at(1).get<double>();

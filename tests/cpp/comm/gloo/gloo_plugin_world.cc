@@ -3,12 +3,12 @@
 #include <dlfcn.h>
 
 #include <atomic>
-#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "tessera/comm/desync.h"
 #include "tessera/comm/gloo/gloo_plugin.h"
+#include "testing/ranks_on_threads.h"
 
 namespace tessera::testing {
 
@@ -32,21 +32,10 @@ absl::StatusOr<std::vector<std::unique_ptr<comm::Communicator>>> CreateGlooPlugi
   static std::atomic<int> worlds{0};
   const std::string prefix = "gloo_plugin_test/" + std::to_string(worlds++);
   auto store = std::make_shared<comm::InMemoryStore>();
-  std::vector<absl::StatusOr<std::unique_ptr<comm::Communicator>>> made(size);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < size; ++r) {
-    threads.emplace_back([&, r] {
-      made[r] = comm::CreateGlooCommunicatorIsolated(TESSERA_TEST_GLOO_PLUGIN, r, size, store, prefix,
-                                                     absl::Seconds(30), "127.0.0.1");
-    });
-  }
-  for (auto& t : threads) t.join();
-  std::vector<std::unique_ptr<comm::Communicator>> comms;
-  for (auto& m : made) {
-    if (!m.ok()) return m.status();
-    comms.push_back(std::move(*m));
-  }
-  return comms;
+  return CreateOnThreads<comm::Communicator>(size, [&](int r) {
+    return comm::CreateGlooCommunicatorIsolated(TESSERA_TEST_GLOO_PLUGIN, r, size, store, prefix, absl::Seconds(30),
+                                                "127.0.0.1");
+  });
 }
 
 }  // namespace tessera::testing
