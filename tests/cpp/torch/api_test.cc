@@ -84,10 +84,14 @@ TEST_P(ApiTest, TwoRanksTakeTheStepsOfOneProcess) {
     ref_opt.step();
     ref_losses.push_back(loss.item<double>());
   }
+  // Every rank's copy of the initial model is made here: MakeNet seeds torch's global generator, which rank threads
+  // would race on (seen once in CI: different initial weights on the ranks).
+  std::vector<Net> nets;
+  for (int r = 0; r < kWorld; ++r) nets.push_back(MakeNet());
   std::vector<std::vector<double>> losses(kWorld);
   std::vector<std::vector<std::pair<std::string, at::Tensor>>> finals(kWorld);
   auto statuses = testing::OnRanks(kWorld, [&](int rank, std::shared_ptr<comm::Communicator> comm) -> absl::Status {
-    Net net = MakeNet();
+    Net net = nets[rank];
     ShardOptions so;
     so.strategy = c.strategy;
     so.collective_timeout = absl::Seconds(30);
