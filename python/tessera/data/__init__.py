@@ -12,7 +12,7 @@ Supervised fine-tuning on conversations::
     batch = train.batch(sampler.next_indices(batch_size))            # Batch of int64 [B, T] tensors
     logits = model(batch.input_ids, doc_ids=batch.doc_ids)           # documents isolated within packed rows
     loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-100)  # labels pre-shifted
-    checkpoint_state["sampler"] = sampler.state_dict()               # {"epoch", "position"}: resumes exactly
+    checkpoint_state["sampler"] = sampler.state_dict()  # {"epoch", "position", "world_size"}: resumes exactly
 
 Continued pretraining on plain text: ``build_text(paths, tok, seq_len=1024, cache_path=".../corpus.tok")`` tokenizes
 the files once into a memory-mapped TokenFile and returns TokenFileRows with the same .batch() API.

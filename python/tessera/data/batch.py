@@ -1,4 +1,16 @@
-"""Batch: the tensors the training loop feeds the model for one step (or one micro-batch)."""
+"""Batch: the tensors the training loop feeds the model for one step (or one micro-batch).
+
+[Note: batches are read-only]
+Nothing in tessera writes into a batch's tensors in place. They may share storage with each other (a producer
+that slices input_ids and labels out of one [B, T + 1] tensor gives views of one storage: a 1-row slice even counts
+as contiguous, so .contiguous() does not copy it) or with data the user owns (their own rows object). A consumer
+that needs other values (the evaluation's fully masked batch on a rank with no held-out rows left) makes new
+tensors: Batch(input_ids, torch.full_like(labels, IGNORE_INDEX), doc_ids), never labels.fill_(). Writing -100 into
+labels that were a view of the inputs once put -100 into input_ids (an IndexError in the embedding on one rank,
+failed collectives on the others). tessera's own producers (PackedRows, TokenFileRows, the recipes' synthetic rows)
+return three tensors that share storage with nothing, so a user may change the batches they get
+(tests/python/data/test_batch.py).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +29,8 @@ class Batch:
     in its document), IGNORE_INDEX (-100) where nothing is trained: prompt tokens, padding, and the position whose
     next token belongs to another document. doc_ids[b, t] is the document of position t within its row (padding has
     an id of its own), for model.forward(input_ids, doc_ids=doc_ids), which restarts positions at each document and
-    keeps attention inside it. Loss: cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)."""
+    keeps attention inside it. Loss: cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).
+    Consumers never write into these tensors (see [Note: batches are read-only])."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor

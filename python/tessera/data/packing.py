@@ -48,7 +48,8 @@ class PackedRows:
         return int((self.labels != IGNORE_INDEX).sum())
 
     def batch(self, indices: Sequence[int]) -> Batch:
-        """The rows `indices` (list of ints in [0, len(self))) as a Batch of int64 tensors [len(indices), seq_len].
+        """The rows `indices` (list of ints in [0, len(self))) as a Batch of int64 tensors [len(indices), seq_len],
+        copies that share storage with nothing (not with the rows, nor with each other).
         Raises InvalidArgumentError for an out-of-range index or an empty list."""
         idx = np.asarray(list(indices), dtype=np.int64)
         if idx.size == 0:
@@ -56,6 +57,7 @@ class PackedRows:
         if idx.min() < 0 or idx.max() >= len(self):
             bad = idx[(idx < 0) | (idx >= len(self))][0]
             raise InvalidArgumentError(f"PackedRows.batch: row {bad} out of range [0, {len(self)})")
+        # Integer-array indexing copies (a slice would be a view of the rows).
         return Batch(torch.from_numpy(self.input_ids[idx]), torch.from_numpy(self.labels[idx]),
                      torch.from_numpy(self.doc_ids[idx]))
 

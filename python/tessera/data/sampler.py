@@ -72,17 +72,27 @@ class DistributedSampler:
         return out
 
     def state_dict(self) -> dict:
-        """{"epoch": int, "position": int}: where the next index comes from."""
-        return {"epoch": self._epoch, "position": self._position}
+        """{"epoch": int, "position": int, "world_size": int}: where the next index comes from, in the share of a
+        world of that many ranks."""
+        return {"epoch": self._epoch, "position": self._position, "world_size": self.world_size}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restores state_dict() output exactly. Raises InvalidArgumentError when keys are missing or the position
-        is outside this rank's share [0, num_samples // world_size]."""
+        """Restores state_dict() output exactly. Raises InvalidArgumentError when keys are missing, the state was
+        saved by a sampler of another world_size (its position counts rows of another share: resuming from it
+        would repeat or skip rows), or the position is outside this rank's share [0, num_samples // world_size].
+        A state without "world_size" (saved before it was recorded) is taken as this world size's."""
         try:
             epoch, position = int(sd["epoch"]), int(sd["position"])
-        except (KeyError, TypeError, ValueError):
+            world = int(sd.get("world_size", self.world_size))
+        except (AttributeError, KeyError, TypeError, ValueError):
             raise InvalidArgumentError(f"DistributedSampler.load_state_dict: expected {{'epoch': int, 'position': "
-                                       f"int}}, got {sd!r:.200}") from None
+                                       f"int, 'world_size': int}}, got {sd!r:.200}") from None
+        if world != self.world_size:
+            raise InvalidArgumentError(f"DistributedSampler.load_state_dict: the state was saved in a world of "
+                                       f"{world} ranks; this sampler (rank {self.rank}) is in a world of "
+                                       f"{self.world_size}. A position counts rows of one rank's share, so it "
+                                       f"would repeat or skip rows in another world: resume on {world} ranks, or "
+                                       "start from a fresh sampler")
         if epoch < 0 or not 0 <= position <= self.per_rank:
             raise InvalidArgumentError(f"DistributedSampler.load_state_dict: epoch {epoch}, position {position}; "
                                        f"expected epoch >= 0 and 0 <= position <= {self.per_rank} (this rank's "

@@ -148,7 +148,7 @@ class TokenFile:
         if offset < 0 or n < 0 or offset + n > self.num_tokens:
             raise InvalidArgumentError(f"token file {self.path}: read of tokens [{offset}, {offset + n}) outside "
                                        f"[0, {self.num_tokens})")
-        return np.asarray(self._data[offset:offset + n], dtype=np.int64)
+        return np.array(self._data[offset:offset + n], dtype=np.int64)  # a copy whatever the file's dtype
 
     def __len__(self) -> int:
         return self.num_docs

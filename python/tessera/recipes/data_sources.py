@@ -32,8 +32,9 @@ class SyntheticRows:
             pattern = torch.randint(0, self.vocab_size, (8,), generator=g)
             rows.append(pattern.repeat((self.seq_len + 1 + 7) // 8)[: self.seq_len + 1])
         x = torch.stack(rows)
-        return Batch(input_ids=x[:, :-1].contiguous(), labels=x[:, 1:].contiguous(),
-                     doc_ids=torch.zeros_like(x[:, :-1]))
+        # clone, not contiguous(): a 1-row slice already counts as contiguous, and contiguous() would return views
+        # of one storage (see [Note: batches are read-only] in tessera/data/batch.py).
+        return Batch(input_ids=x[:, :-1].clone(), labels=x[:, 1:].clone(), doc_ids=torch.zeros_like(x[:, :-1]))
 
 
 def check_source(cfg: JobConfig) -> None:

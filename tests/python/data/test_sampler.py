@@ -38,7 +38,7 @@ def test_resume_from_state_dict_continues_exactly(k):
     for _ in range(k):
         first.next_indices(3)
     sd = first.state_dict()
-    assert set(sd) == {"epoch", "position"}
+    assert set(sd) == {"epoch", "position", "world_size"}
     resumed = DistributedSampler(11, world_size=2, rank=1, seed=5)
     resumed.load_state_dict(dict(sd))
     assert resumed.epoch == sd["epoch"]
@@ -60,6 +60,13 @@ def test_sampler_errors():
         s.load_state_dict({"epoch": 0, "position": 6})
     with pytest.raises(InvalidArgumentError, match=r"expected \{'epoch'"):
         s.load_state_dict({"epoch": 0})
+    # A position from another world size counts rows of another share: refused, naming both sizes.
+    saved = DistributedSampler(10, world_size=3, rank=0, seed=0)
+    saved.next_indices(2)
+    with pytest.raises(InvalidArgumentError, match=r"world of 3 ranks; this sampler \(rank 0\) is in a world of 2"):
+        s.load_state_dict(saved.state_dict())
+    s.load_state_dict({"epoch": 0, "position": 2})  # saved before world_size was recorded: taken as this world's
+    assert s.state_dict() == {"epoch": 0, "position": 2, "world_size": 2}
 
 
 def test_split_heldout_disjoint_covering_deterministic():
