@@ -18,7 +18,7 @@ import tessera.models as tm
 from conftest import run_ranks
 from tessera import cli
 from tessera.errors import CheckpointError, InvalidArgumentError
-from tessera.models.generate import generate, generate_tokens, load_model, next_token
+from tessera.models.generate import eos_token_ids, generate, generate_tokens, load_model, next_token
 
 PROMPT, NEW = 8, 32  # 8 + 32 positions: well past the Mistral model's window of 5
 
@@ -88,6 +88,52 @@ def test_rows_stop_at_eos_like_transformers(hf_models):
     assert (got[0, PROMPT + 5:] == eos[0]).all() and got[1, PROMPT + 5] not in eos  # row 1 went on
     alone = generate_tokens(model, prompt[:1], max_new_tokens=NEW, eos_token_id=eos)
     assert torch.equal(alone, free[:1, :PROMPT + 5])  # every row ended: no forward past the EOS
+
+
+def _left_padded(prompts, pad_id=0):
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p.tolist() for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_untied_rope_scaling", "mistral_sliding_window"])
+def test_left_padded_batch_rows_equal_each_prompt_alone_and_transformers(name, hf_models):
+    """Prompts of 8, 3 and 6 tokens in one batch, padded on the left with an attention mask: each row continues as
+    its prompt does alone (positions from its first token, pad slots never attended; the Mistral window of 5 is
+    shorter than the longest prompt), and the batch equals transformers' left-padded one. Before the mask was
+    honoured the 3-token row agreed with its solo continuation in 1 of 12 tokens."""
+    import transformers
+
+    d, ref = hf_models[name]
+    model = tm.load_hf(d)
+    prompts = [_prompt(seed=11, batch=1, length=n)[0] for n in (8, 3, 6)]
+    ids, mask = _left_padded(prompts, pad_id=VOCAB - 1)  # a pad id that the model would attend to if it could
+    new = 16
+    got = generate_tokens(model, ids, attention_mask=mask, max_new_tokens=new)
+    for row, p in enumerate(prompts):
+        alone = generate_tokens(model, p[None], max_new_tokens=new)
+        assert torch.equal(got[row, ids.shape[1] - len(p):], alone[0]), (row, got[row], alone[0])
+    # transformers stops rows at the config's eos 2 (None does not unset it): the same EOS on both sides.
+    gc = transformers.GenerationConfig(do_sample=False, max_new_tokens=new, eos_token_id=2, pad_token_id=2)
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=mask, generation_config=gc)
+    got = generate_tokens(model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=2)
+    assert torch.equal(got, want), (got, want)
+    assert torch.equal(generate_tokens(model, ids, attention_mask=torch.ones_like(mask), max_new_tokens=new),
+                       generate_tokens(model, ids, max_new_tokens=new))  # an all-ones mask changes nothing
+
+
+def test_attention_mask_must_be_left_padding(hf_models):
+    model = tm.load_hf(hf_models["mistral_sliding_window"][0])
+    ids = _prompt(batch=2, length=4)
+    for mask, words in (([[1, 1, 0, 0], [1, 1, 1, 1]], "row 0 of attention_mask is [1, 1, 0, 0]; expected left pad"),
+                        ([[0, 1, 0, 1], [1, 1, 1, 1]], "row 0"), ([[1, 1, 1, 1], [0, 0, 0, 0]], "row 1"),
+                        ([[1, 1, 1, 2], [1, 1, 1, 1]], "0 (pad) and 1 (token) only"),
+                        ([[1, 1, 1], [1, 1, 1]], "attention_mask has shape (2, 3); expected input_ids' (2, 4)")):
+        with pytest.raises(InvalidArgumentError) as e:
+            generate_tokens(model, ids, attention_mask=torch.tensor(mask), max_new_tokens=2)
+        assert words in str(e.value), e.value
 
 
 @pytest.mark.parametrize("name", ["llama_mha_tied_head_dim", "mistral_sliding_window"])
@@ -260,6 +306,46 @@ def test_cli_generates_text_from_an_hf_directory(hf_models):
     assert r.returncode == 0, r.stderr
     assert r.stdout == want + "\n"
     assert "prefill" in r.stderr and "tokens/s" in r.stderr
+
+
+def test_chat_stops_at_an_eos_that_only_generation_config_names(hf_models, tmp_path):
+    """A chat model's end-of-turn id is often an EOS only in generation_config.json (Llama 3's <|eot_id|>): the
+    model load_hf returns carries it, and generate() stops there as transformers' generate does on the same
+    directory. Before, generate() knew only the tokenizer's eos and ran to max_new_tokens. A list of prompts gives
+    what each prompt gives alone."""
+    import json
+    import shutil
+
+    import transformers
+
+    d = tmp_path / "chat"
+    shutil.copytree(hf_models["llama_gqa_untied_rope_scaling"][0], d)
+    _write_tokenizer(d)
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    question = "why is the sky blue"
+    text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    free = generate_tokens(tm.load_hf(d), ids, max_new_tokens=12)[0, ids.shape[1]:].tolist()
+    n = next(k for k in range(1, 10) if free[k] not in free[:k] + [2])  # the first new id after the first token
+    end_of_turn = free[n]  # ends the reply after n + 1 tokens
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, end_of_turn]}))
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(d)
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                            pad_token_id=2)[0, ids.shape[1]:].tolist()
+    assert want == free[:n + 1]  # transformers stopped at the end-of-turn id
+    model = tm.load_hf(d)
+    assert model.generation_config["eos_token_id"] == [2, end_of_turn]
+    stats: dict = {}
+    got = generate(model, tok, question, chat=True, max_new_tokens=12, stats=stats)
+    assert stats["new_tokens"] == n + 1 and got == tok.decode(want[:n], skip_special_tokens=True), (got, stats)
+    assert generate(model, tok, question, chat=True, max_new_tokens=12, eos_token_id=2) != got  # explicit wins
+    checkpoint_model, _ = load_model(d)  # the same rule for every loader
+    assert eos_token_ids(tok, model=checkpoint_model) == sorted([2, end_of_turn])
+    other = "hello"
+    assert generate(model, tok, [question, other], chat=True, max_new_tokens=12) == [
+        got, generate(model, tok, other, chat=True, max_new_tokens=12)]
 
 
 def test_cli_bad_path_exits_2_naming_it(tmp_path):

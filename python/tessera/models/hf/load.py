@@ -43,6 +43,39 @@ def read_config(model_dir: str | os.PathLike):
     return config_from_hf_dict(hf, str(path))
 
 
+# The config.json fields transformers' GenerationConfig.from_model_config takes when a directory has no
+# generation_config.json; a generation_config.json overrides them field by field.
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def read_generation_config(model_dir: str | os.PathLike | None, hf: dict | None = None) -> dict:
+    """The generation defaults of an HF model directory as a plain dict: config.json's bos/eos/pad token ids that
+    are set, overridden by generation_config.json's fields when the directory has one (as transformers'
+    from_pretrained reads them). `hf`: config.json's dict, if already read; model_dir None: `hf` alone (a
+    checkpoint's config). A chat model's end-of-turn id is often an eos_token_id only in generation_config.json
+    (Llama 3: [128001, 128008, 128009]). InvalidArgumentError for a generation_config.json that is not a JSON
+    object."""
+    if model_dir is None:
+        return {k: hf[k] for k in _TOKEN_ID_FIELDS if hf.get(k) is not None}
+    d = Path(model_dir)
+    if hf is None:
+        hf = _json_object(d / "config.json") if (d / "config.json").is_file() else {}
+    out = {k: hf[k] for k in _TOKEN_ID_FIELDS if hf.get(k) is not None}
+    if (d / "generation_config.json").is_file():
+        out.update(_json_object(d / "generation_config.json"))
+    return out
+
+
+def _json_object(f: Path) -> dict:
+    try:
+        value = json.loads(f.read_text())
+    except ValueError as e:
+        raise InvalidArgumentError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"{f}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def expected_params(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """tessera name -> full shape of every parameter (a tied one once, under its first name)."""
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -120,7 +153,9 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
             adapt: Callable[[nn.Module], object] | None = None) -> nn.Module:
     """Loads a Hugging Face Llama or Mistral directory (config.json, and model.safetensors or a sharded set with
     model.safetensors.index.json) into tessera's module for its family. The module's `config` attribute is the
-    tessera config (LlamaConfig / MistralConfig, with the HF fields tessera does not use in `hf_extra`).
+    tessera config (LlamaConfig / MistralConfig, with the HF fields tessera does not use in `hf_extra`); its
+    `generation_config` attribute is read_generation_config(path), which tessera.models.generate takes its EOS ids
+    from.
 
     dtype: the parameters' dtype (None: as stored). device: where they live (None: CPU).
     shard=True: the model is built on the meta device and sharded with its family's parallelize (group, strategy,
@@ -148,4 +183,5 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
         fam.parallelize(model, group=group, strategy=strategy, mixed_precision=mixed_precision, before_shard=fill)
     else:
         fill(model)
+    model.generation_config = read_generation_config(path, cfg.hf_extra)
     return model

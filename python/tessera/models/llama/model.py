@@ -53,6 +53,24 @@ def packed_positions_and_mask(doc_ids: torch.Tensor, window: int | None) -> tupl
     return idx - start, mask[:, None]
 
 
+def left_padded_positions_and_mask(pad: torch.Tensor, start: int, q_len: int,
+                                   window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a left-padded batch in a KVCache, pad int64 [batch] (row b's first pad[b] slots are padding): the
+    positions [batch, q_len] of slots start..start+q_len-1 counted from each row's first real token (0 for pad
+    slots), and a boolean mask [batch, 1, q_len, start + q_len] (True = attend) that is causal, skips pad slots
+    and honours `window`. A pad slot attends only to itself, so no row of SDPA is fully masked (that gives NaN,
+    and a NaN value times a zero weight would reach the real rows)."""
+    i = torch.arange(start, start + q_len, device=pad.device)
+    j = torch.arange(start + q_len, device=pad.device)
+    positions = (i[None, :] - pad[:, None]).clamp(min=0)
+    i, j = i[:, None], j[None, :]
+    mask = (j <= i)[None] & (j[None] >= pad[:, None, None])
+    if window is not None:
+        mask &= (j > i - window)[None]
+    mask |= (j == i)[None]
+    return positions, mask[:, None]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates x [batch, heads, seq, head_dim] by position: x*cos + rotate_half(x)*sin."""
     half = x.shape[-1] // 2
@@ -68,10 +86,14 @@ class KVCache:
 
     dtype=None (the default) allocates each layer's buffers at its first write, in the dtype and on the device of
     the keys the layer computes: under mixed precision (a sharded model with bf16 compute over fp32 parameters)
-    that is the compute dtype, which the parameters' dtype is not."""
+    that is the compute dtype, which the parameters' dtype is not.
+
+    pad (int64 [batch], optional): a left-padded batch, whose row b starts with pad[b] pad slots. The model then
+    counts positions from each row's first real token and never attends to pad slots, so each row computes what it
+    would alone (see left_padded_positions_and_mask)."""
 
     def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, *, dtype: torch.dtype | None = None,
-                 device=None):
+                 device=None, pad: torch.Tensor | None = None):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KVCache: max_len {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
         self.shape = (batch, cfg.n_kv_heads, max_len, cfg.hd)
@@ -80,6 +102,9 @@ class KVCache:
         self.v = [alloc() for _ in range(cfg.n_layers)]
         self.max_len = max_len
         self.pos = 0
+        if pad is not None and tuple(pad.shape) != (batch,):
+            raise ValueError(f"KVCache: pad has shape {tuple(pad.shape)}; expected ({batch},), one count per row")
+        self.pad = pad
 
     def buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s (keys, values) buffers, allocated like `like` on first use."""
@@ -166,7 +191,8 @@ class Llama(nn.Module):
     With a KVCache, tokens are the next positions after cache.pos, and the cache advances by seq. With doc_ids
     (int [batch, seq], packed sequences: the document of each token, each document contiguous), positions restart
     at every document and attention never crosses documents, so a document's logits in a pack equal its logits
-    alone. `config` is the model's LlamaConfig (or MistralConfig)."""
+    alone. With a KVCache that has `pad` (a left-padded batch), each row's positions start at its first real token
+    and pad slots are never attended to. `config` is the model's LlamaConfig (or MistralConfig)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -199,6 +225,8 @@ class Llama(nn.Module):
                 raise ValueError(f"{type(self).__name__}: doc_ids has shape {tuple(doc_ids.shape)}; expected the "
                                  f"tokens' {tuple(tokens.shape)}")
             positions, mask = packed_positions_and_mask(doc_ids, self.config.sliding_window)
+        elif cache is not None and cache.pad is not None:
+            positions, mask = left_padded_positions_and_mask(cache.pad, start, s, self.config.sliding_window)
         else:
             positions = torch.arange(start, start + s, device=tokens.device)
         cos, sin = rope_cos_sin(self.config, positions)
