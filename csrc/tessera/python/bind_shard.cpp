@@ -59,6 +59,9 @@ void BindShard(py::module_& m) {
            [](Unit& u, const std::vector<at::Tensor>& sharded, const std::vector<at::Tensor>& full) {
              ThrowIfError(u.AdoptParams(sharded, full));
            })
+      .def("pending_local_grads", &Unit::PendingLocalGrads,
+           "Names of the parameters whose locally kept gradients (gradient sync off) await a reduction, after "
+           "dropping those whose sharded .grad was cleared ([Note: local gradients belong to .grad], unit.h).")
       .def_property_readonly("gathers_started", &Unit::gathers_started)
       .def_property_readonly("gathers_discarded", &Unit::gathers_discarded)
       .def_property_readonly("sharded_params", &Unit::sharded_params)

@@ -79,7 +79,10 @@ absl::StatusOr<PreForwardResult> StepSchedule::PreForward(int u, bool in_backwar
     result.recompute_in_backward = true;
     return result;
   }
-  if (!in_backward) TESSERA_RETURN_IF_ERROR(unit.SyncRequiresGrad());
+  if (!in_backward) {
+    TESSERA_RETURN_IF_ERROR(unit.SyncRequiresGrad());
+    unit.DropClearedLocalGrads();
+  }
   if (!order_recorded_) {
     if (slot.order_pos < 0) slot.order_pos = static_cast<int>(forward_order_.size());
     forward_order_.push_back(u);
@@ -120,6 +123,7 @@ absl::StatusOr<bool> StepSchedule::PreBackward(int u, uintptr_t stream) {
   slot.post_backward_done = false;
   slot.state = TrainingState::kPreBackward;
   units_[u]->SetPassForTags(true);
+  units_[u]->DropClearedLocalGrads();  // before autograd adds this backward's gradients to the kept ones
   TESSERA_RETURN_IF_ERROR(units_[u]->WaitUnshard(stream));
   TESSERA_RETURN_IF_ERROR(Prefetch(Neighbour(u, -1), stream));
   return first;
@@ -134,7 +138,11 @@ absl::Status StepSchedule::PostBackward(int u, uintptr_t stream) {
   slot.state = TrainingState::kPostBackward;
   UnitOps& unit = *units_[u];
   unit.SetPassForTags(true);
-  if (unit.WantsReduce()) TESSERA_RETURN_IF_ERROR(unit.StartReduce(stream));
+  if (unit.WantsReduce()) {
+    TESSERA_RETURN_IF_ERROR(unit.StartReduce(stream));
+  } else {
+    TESSERA_RETURN_IF_ERROR(unit.KeepLocalGrads());
+  }
   return unit.Reshard();
 }
 

@@ -64,6 +64,12 @@ class UnitOps {
   // Drops what a backward that raised left behind: the reduction in flight (awaited, result discarded) and the
   // unsharded gradients.
   virtual absl::Status DropBackward(uintptr_t stream) = 0;
+  // Gradient sync off: a post-backward keeps the unsharded gradients on the unit (local accumulation). See
+  // [Note: local gradients belong to .grad] in torch/unit.h. The default keeps nothing to track.
+  virtual absl::Status KeepLocalGrads() { return absl::OkStatus(); }
+  // Drops the local gradients of every parameter whose sharded .grad the user cleared or replaced since they were
+  // kept (zero_grad between accumulation windows). Called before a forward or backward adds to them.
+  virtual void DropClearedLocalGrads() {}
 };
 
 struct UnitPolicy {

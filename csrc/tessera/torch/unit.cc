@@ -290,6 +290,8 @@ absl::Status Unit::StartReduce(uintptr_t stream) {
     reduce_in_.view({w, stride}).narrow(1, s, k).copy_(f.expand({w, k}));
   }
   for (int64_t i = 0; i < k; ++i) full_params_[i].mutable_grad().reset();
+  kept_.assign(k, KeptGrad{});  // the kept local gradients are in this reduction now
+  any_kept_ = false;
   comm::CollectiveOptions copts = CollOpts(stream);
   copts.tag = absl::StrFormat("backward gradient %s of unit '%s'", plan_.world() == 1 ? "all-reduce" : "reduce-scatter",
                               options_.name);
@@ -362,6 +364,53 @@ absl::Status Unit::FinishReduce(uintptr_t stream) {
   return absl::OkStatus();
 }
 
+absl::Status Unit::KeepLocalGrads() {
+  c10::NoGradGuard no_grad;
+  const int64_t k = num_trainable_;
+  if (kept_.size() != static_cast<size_t>(k)) kept_.assign(k, KeptGrad{});
+  for (int64_t i = 0; i < k; ++i) {
+    if (!full_params_[i].grad().defined() || kept_[i].grad.defined()) continue;
+    at::Tensor& grad = sharded_params_[i].mutable_grad();
+    if (!grad.defined()) {
+      sharded_grads_[i].zero_();  // zero + the reduction to come = what one process's .grad would hold
+      grad = sharded_grads_[i];
+    }
+    kept_[i].grad = grad;
+    any_kept_ = true;
+  }
+  // Our own zero_() above moved the shared version counter: record every kept gradient's version afresh.
+  for (int64_t i = 0; i < k; ++i) {
+    if (kept_[i].grad.defined()) kept_[i].version = kept_[i].grad._version();
+  }
+  return absl::OkStatus();
+}
+
+void Unit::DropClearedLocalGrads() {
+  if (!any_kept_) return;
+  any_kept_ = false;
+  for (size_t i = 0; i < kept_.size(); ++i) {
+    KeptGrad& kept = kept_[i];
+    if (!kept.grad.defined()) continue;
+    const at::Tensor& grad = sharded_params_[i].grad();
+    if (grad.defined() && grad.is_same(kept.grad) && grad._version() == kept.version &&
+        full_params_[i].grad().defined()) {
+      any_kept_ = true;
+      continue;
+    }
+    full_params_[i].mutable_grad().reset();  // the user cleared .grad: the kept window goes with it
+    kept = KeptGrad{};
+  }
+}
+
+std::vector<std::string> Unit::PendingLocalGrads() {
+  DropClearedLocalGrads();
+  std::vector<std::string> names;
+  for (size_t i = 0; i < kept_.size(); ++i) {
+    if (kept_[i].grad.defined()) names.push_back(names_[i]);
+  }
+  return names;
+}
+
 absl::Status Unit::DropBackward(uintptr_t stream) {
   absl::Status status;
   if (reduce_state_ == shard::ReduceState::kReducing) {
@@ -371,6 +420,8 @@ absl::Status Unit::DropBackward(uintptr_t stream) {
     reduce_state_ = shard::ReduceState::kIdle;
   }
   for (int64_t i = 0; i < num_trainable_; ++i) full_params_[i].mutable_grad().reset();
+  kept_.assign(num_trainable_, KeptGrad{});
+  any_kept_ = false;
   return WithContext(status, options_.name + ": dropping the reduction of a backward that raised");
 }
 

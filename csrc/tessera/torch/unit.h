@@ -38,6 +38,18 @@ struct UnitOptions {
 // (1 = it has a gradient) to each rank's block of the reduce-scatter input, so the reduction sums them with the
 // gradients at no extra collective. A rank reads the summed flags only when it lacks a gradient itself that
 // another rank may have (reading them syncs the host with a CUDA stream); otherwise its own gradients say it all.
+// [Note: local gradients belong to .grad] With gradient sync off, a post-backward keeps the unsharded gradients on
+// the unit (the local accumulation) instead of reducing them; the next backward with sync on reduces what has
+// accumulated. In one process those gradients would sit in each parameter's .grad, so whatever clears .grad
+// (optimizer.zero_grad(), module.zero_grad(), p.grad = None, zero_grad(set_to_none=False)) must drop them too, or
+// a micro-batch the user decided to skip comes back at the next reduction. The unit cannot hook every way of
+// clearing .grad, so it makes the clearing visible instead: when it keeps local gradients for a parameter, it
+// points the sharded .grad at that parameter's (zeroed, if it had none) gradient view and remembers the tensor and
+// its version counter. Before a later forward or backward adds to the kept gradients (and before an optimizer step
+// or clipping asks), a sharded .grad that is gone, replaced or written in place means the user cleared it: the
+// kept gradient of that parameter is dropped. The views share one version counter (that of flat_grad_shard()), so
+// an in-place write to any sharded gradient of the unit during an accumulation window drops the unit's kept
+// gradients: zero_grad(set_to_none=False) zeroes them all anyway; scaling gradients mid-window is not supported.
 class Unit final : public shard::UnitOps {
  public:
   // `params` are the original full parameters in layout order (the first `num_trainable` require grad), all on
@@ -104,6 +116,12 @@ class Unit final : public shard::UnitOps {
   // Waits for the reduction and adds the result into the sharded parameters' .grad (views of flat_grad_shard()).
   absl::Status FinishReduce(uintptr_t stream) override;
   absl::Status DropBackward(uintptr_t stream) override;
+  // See [Note: local gradients belong to .grad].
+  absl::Status KeepLocalGrads() override;
+  void DropClearedLocalGrads() override;
+  // The names of the parameters whose kept local gradients are still waiting for a reduction (after dropping the
+  // cleared ones): an optimizer step now would miss them.
+  std::vector<std::string> PendingLocalGrads();
 
   bool requires_grad_sync() const { return requires_grad_sync_; }
   void set_requires_grad_sync(bool on) { requires_grad_sync_ = on; }
@@ -152,6 +170,15 @@ class Unit final : public shard::UnitOps {
   std::vector<char> reduce_local_has_;      // per trainable parameter: this rank handed a gradient to the reduction
   std::vector<char> reduce_requires_grad_;  // per trainable parameter: it required grad when the reduction began
   std::unique_ptr<comm::Work> reduce_work_;
+
+  // Per trainable parameter: the sharded .grad it had when its local gradient was kept (undefined: none kept), and
+  // that tensor's version then. See [Note: local gradients belong to .grad].
+  struct KeptGrad {
+    at::Tensor grad;
+    int64_t version = 0;
+  };
+  std::vector<KeptGrad> kept_;
+  bool any_kept_ = false;
 };
 
 }  // namespace tessera::torch_rt

@@ -8,6 +8,7 @@ from tessera import knobs
 from tessera.errors import InvalidArgumentError, NotSupportedError, StateError
 from tessera.shard import comm as _comm
 from tessera.shard.runtime import ParamInfo, UnitRuntime, managed_by, unit_of
+from tessera.shard.guards import guard_conversions
 from tessera.shard.state_dict import install_state_dict_hooks
 from tessera.shard.types import MixedPrecision, ShardingStrategy
 
@@ -89,6 +90,7 @@ def shard(
     )
     runtime.install()
     install_state_dict_hooks(runtime)  # state_dict() / load_state_dict() with full tensors
+    guard_conversions(module)  # .to(dtype/device) after sharding raises instead of half-applying
     return module
 
 
@@ -111,6 +113,12 @@ def _collect_params(module: nn.Module) -> list[ParamInfo]:
             name = f"{mod_name}.{attr}" if mod_name else attr
             owner = managed_by(p)
             if owner is not None:
+                if inside.get(id(mod)) is not owner and any(m is module for m in owner.module.modules()):
+                    raise StateError(
+                        f"parameter '{name}' is already managed by the sharded unit '{owner.name}', which encloses "
+                        f"this {type(module).__name__}: it was sharded first. tessera.shard applies bottom-up: "
+                        "shard each block first, then the root (the root takes what no sharded block owns)"
+                    )
                 if inside.get(id(mod)) is not owner:
                     raise InvalidArgumentError(
                         f"parameter '{name}' is shared with the sharded unit '{owner.name}', which does not contain "
@@ -136,7 +144,14 @@ def _collect_params(module: nn.Module) -> list[ParamInfo]:
 def set_requires_gradient_sync(module: nn.Module, requires_sync: bool) -> None:
     """Turns gradient reduction on or off for every unit in `module` (gradient accumulation without
     communication, like FSDP2's set_requires_gradient_sync). Unsharded gradients accumulate locally until a
-    backward runs with sync on again."""
+    backward runs with sync on again, which reduces them with its own.
+
+    The locally kept gradients count as the parameters' .grad: zero_grad() (the optimizer's or the module's, or
+    setting .grad to None) drops them, so a skipped accumulation window never comes back. An optimizer step or
+    tessera.clip_grad_norm_ while some are kept (sync never turned back on) raises tessera.StateError rather than
+    step without them. See [Note: local gradients belong to .grad] in csrc/tessera/torch/unit.h.
+
+    Raises InvalidArgumentError if `module` contains no tessera-sharded module."""
     found = False
     for mod in module.modules():
         unit = unit_of(mod)

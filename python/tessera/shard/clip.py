@@ -10,6 +10,7 @@ import torch.nn as nn
 from tessera import _C, knobs
 from tessera.errors import InvalidArgumentError, NotSupportedError
 from tessera.shard import waits
+from tessera.shard.guards import check_local_grads
 from tessera.shard.state_dict import units_in
 
 
@@ -22,6 +23,7 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, norm_type: float = 2.0) 
     if not max_norm > 0:
         raise InvalidArgumentError(f"clip_grad_norm_: max_norm must be > 0, got {max_norm}")
     units = units_in(module)
+    check_local_grads(units, "clip_grad_norm_")
     sharded, replicated, grads = [], [], []
     for unit in units:
         g = [info.sharded.grad for info in unit.params[: unit.num_trainable] if info.sharded.grad is not None]

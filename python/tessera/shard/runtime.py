@@ -37,6 +37,9 @@ _UNIT_ATTR = "_tessera_unit"
 # parameters themselves (see _C.Unit.adopt_params): a strong one would make a cycle through C++ that the garbage
 # collector cannot see, and a dropped model would never be freed.
 _PARAM_ATTR = "_tessera_unit_ref"
+# On each original parameter that tessera.shard replaced: its name in the unit (an optimizer built before sharding
+# still holds it; tessera/shard/guards.py names it in the error).
+REPLACED_NAME_ATTR = "_tessera_replaced_name"
 
 
 def _in_backward() -> bool:
@@ -151,6 +154,7 @@ class UnitRuntime:
             info.full = nn.Parameter(full[i], requires_grad=info.requires_grad)
             for t in (info.tensor, info.sharded, info.full):
                 setattr(t, _PARAM_ATTR, ref)
+            setattr(info.tensor, REPLACED_NAME_ATTR, info.name)
             info.tensor = None  # drop the original so its memory can go
         self.unit.adopt_params([i.sharded for i in self.params], [i.full for i in self.params])
         self._index_of = {id(info.sharded): i for i, info in enumerate(self.params)}
