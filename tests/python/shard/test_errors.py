@@ -88,3 +88,63 @@ def _group_without_this_rank(rank, world):
 
 def test_group_without_this_rank():
     run_ranks(2, _group_without_this_rank)
+
+
+# ---- changes after sharding are never half applied (issue 17, fault 9) ------------------------------------------
+
+
+def _sharded_tiny():
+    from models import make_model
+
+    model = make_model()
+    for blk in model.blocks:
+        tessera.shard(blk)
+    return tessera.shard(model)
+
+
+def test_dtype_and_device_conversions_after_shard_raise_and_change_nothing(single_rank_group):
+    # Before the fix, model.to(torch.bfloat16) made the shards report bf16 while logits and state_dict() stayed
+    # fp32 and gradients came back fp32: training went on half converted.
+    from models import make_batches
+
+    model = _sharded_tiny()
+    x, _ = make_batches(1, 2)[0]
+    logits = model(x).detach()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.blocks[0].double(),
+                    lambda m: m.bfloat16()):
+        with pytest.raises(tessera.StateError, match=r"tessera.MixedPrecision\(param_dtype=torch\.(bfloat16|float16|float64)\)"):
+            convert(model)
+    with pytest.raises(tessera.StateError, match="Move the model to its device before tessera.shard"):
+        model.to("meta")
+    assert model.float() is model and model.to("cpu") is model  # changes nothing: allowed
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    assert all(b.dtype == torch.float32 for b in model.buffers())
+    assert torch.equal(model(x), logits)
+    for k, v in model.state_dict().items():
+        assert v.dtype == state[k].dtype and torch.equal(v, state[k]), k
+    assert type(model).__name__ == "TinyTransformer" and isinstance(model, nn.Module)
+
+
+def test_optimizer_built_before_shard_raises_at_its_first_step(single_rank_group):
+    # Before the fix it held the replaced parameters and trained nothing, with no error.
+    from models import loss_fn, make_batches, make_model
+
+    for make_opt in (lambda ps: torch.optim.SGD(ps, lr=0.1), lambda ps: tessera.optim.AdamW(ps, lr=0.1)):
+        model = make_model()
+        opt = make_opt(model.parameters())
+        tessera.shard(model)
+        loss_fn(model, *make_batches(1, 2)[0]).backward()
+        with pytest.raises(tessera.StateError, match="holds parameter 'pos' of unit 'TinyTransformer' as it was before tessera.shard"):
+            opt.step()
+        opt = make_opt(model.parameters())  # built after shard: fine
+        opt.step()
+
+
+def test_sharding_the_root_before_a_block_says_bottom_up(single_rank_group):
+    from models import make_model
+
+    model = make_model()
+    tessera.shard(model)
+    with pytest.raises(tessera.StateError, match="shard each block first, then the root"):
+        tessera.shard(model.blocks[0])
