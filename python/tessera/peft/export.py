@@ -53,7 +53,9 @@ def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_config(cfg: LoRAConfig, base_model_name_or_path: str | None) -> dict:
-    """The adapter_config.json dict peft's LoraConfig reads for `cfg`."""
+    """The adapter_config.json dict peft's LoraConfig reads for `cfg` (a path-like base is written as a string)."""
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
@@ -82,22 +84,32 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
     if fam is None:
         raise InvalidArgumentError(f"save_adapter expects a tessera model with a model config, got "
                                    f"{type(model).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InvalidArgumentError(f"save_adapter: dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    # Made on every rank before the collective gather and before any file is written: a bad argument raises on
+    # every rank and leaves no new weights next to an old (or no) config.
+    config_text = json.dumps(adapter_config(cfg, base_model_name_or_path), indent=2, sort_keys=True) + "\n"
     sharded = any(unit_of(m) is not None for m in model.modules())
     rank = dist.get_rank() if sharded and dist.is_initialized() else 0
     tensors = _adapter_tensors(model)  # collective when sharded
     out = Path(out_dir)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         weights = {}
         for name, t in tensors.items():
             path, _, which = name.rpartition(".")
             weights[peft_key(fam.adapter, path, which)] = t.to(dtype or t.dtype).contiguous()
+        out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{ADAPTER_WEIGHTS}.tmp-{os.getpid()}"
-        save_file(weights, str(tmp), metadata={"format": "pt"})
+        tmp_config = out / f".{ADAPTER_CONFIG}.tmp-{os.getpid()}"
+        try:
+            save_file(weights, str(tmp), metadata={"format": "pt"})
+            tmp_config.write_text(config_text)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: no temporary files left behind
+            tmp_config.unlink(missing_ok=True)
+            raise
         os.replace(tmp, out / ADAPTER_WEIGHTS)
-        tmp = out / f".{ADAPTER_CONFIG}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(adapter_config(cfg, base_model_name_or_path), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out / ADAPTER_CONFIG)
+        os.replace(tmp_config, out / ADAPTER_CONFIG)
     if sharded and dist.is_initialized():
         dist.barrier()  # the other ranks return once rank 0's files are in place
     return out

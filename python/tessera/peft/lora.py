@@ -82,13 +82,13 @@ class LoRALinear(nn.Module):
             raise InvalidArgumentError("LoRALinear: the base linear has a bias; tessera's decoder linears have none")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.scaling = rank, float(alpha), alpha / rank
-        base.weight.requires_grad_(False)
-        self.weight = base.weight
+        self.weight = base.weight  # registered first: parameter order weight, lora_A, lora_B
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
         if not w.is_meta:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's reset_lora_parameters
+        w.requires_grad_(False)  # last: the base is left as it was if anything above raises
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def materialize_meta(self) -> None:
@@ -127,8 +127,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     parallelize; or on the meta-device model through tessera.models.load_hf(path, shard=True,
     adapt=lambda m: apply_lora(m, cfg)), which creates each block's adapters as it fills and shards that block
     (the same A values under the same seed) and never holds the whole model. Raises
-    InvalidArgumentError (not a LoRAConfig, no `layers`, a target that is not an nn.Linear) and StateError
-    (already sharded, or adapters already applied)."""
+    InvalidArgumentError (not a LoRAConfig, no `layers`, a target missing or not a bias-free nn.Linear in some
+    block) and StateError (already sharded, or adapters already applied); every target is checked first, so a
+    rejected call changes nothing (modules, parameters, requires_grad, the RNG)."""
     if not isinstance(cfg, LoRAConfig):
         raise InvalidArgumentError(f"apply_lora expects a tessera.peft.LoRAConfig, got {type(cfg).__name__}")
     if _is_sharded(model):
@@ -142,21 +143,29 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     if not isinstance(layers, nn.ModuleList):
         raise InvalidArgumentError(f"apply_lora expects a tessera Llama/Mistral with `layers`, got "
                                    f"{type(model).__name__}")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # Every target is found and checked before anything changes: a rejected call leaves the model (modules,
+    # parameters, requires_grad) and torch's RNG as they were.
+    wanted = {f"{TARGET_PARENT[t]}.{t}" for t in cfg.targets}
+    plan = []  # (block, path, base linear), in module order
     for i, block in enumerate(layers):
-        wanted = {f"{TARGET_PARENT[t]}.{t}" for t in cfg.targets}
         # In module order, whatever the order of cfg.targets: A is drawn in the order load_hf(adapt=...) fills.
         found = [(path, m) for path, m in block.named_modules() if path in wanted]
         if len(found) != len(wanted):
             missing = sorted(wanted - {path for path, _ in found})
-            raise InvalidArgumentError(f"apply_lora: layers.{i} has no {missing}")
+            raise InvalidArgumentError(f"apply_lora: layers.{i} has no {missing}; nothing was changed")
         for path, base in found:
             if type(base) is not nn.Linear:
                 raise InvalidArgumentError(f"apply_lora: layers.{i}.{path} is {type(base).__name__}, expected "
-                                           "nn.Linear")
-            parent, _, attr = path.rpartition(".")
-            setattr(block.get_submodule(parent), attr, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout))
+                                           "nn.Linear; nothing was changed")
+            if base.bias is not None:
+                raise InvalidArgumentError(f"apply_lora: layers.{i}.{path} has a bias; tessera's decoder linears "
+                                           "have none; nothing was changed")
+            plan.append((block, path, base))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block, path, base in plan:
+        parent, _, attr = path.rpartition(".")
+        setattr(block.get_submodule(parent), attr, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout))
     model.lora_config = cfg  # save_adapter writes it to adapter_config.json
     return model
 
@@ -170,13 +179,24 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Unsharded models only. A sharded model's merged export is tessera.models.save_hf(model, dir,
     merge_adapters=True) (collective; it merges unit by unit as it writes and leaves the model unchanged); its
     adapters alone go out with save_adapter. Raises StateError for a sharded model and InvalidArgumentError for a
-    model without adapters."""
+    model without adapters or with an adapter of the wrong shape or device, before any weight changes."""
     if _is_sharded(model):
         raise StateError("merge_lora: the model is sharded; merge an unsharded copy (see merge_lora's docstring) "
                          "or export the adapters with tessera.peft.save_adapter")
     mods = lora_modules(model)
     if not mods:
         raise InvalidArgumentError(f"merge_lora: {type(model).__name__} has no LoRA adapters")
+    # Checked for every adapter before any weight changes, so a rejected merge leaves the model as it was.
+    for name, m in mods.items():
+        shapes = [tuple(m.weight.shape), tuple(m.lora_A.shape), tuple(m.lora_B.shape)]
+        expected = [(m.out_features, m.in_features), (m.rank, m.in_features), (m.out_features, m.rank)]
+        if shapes != expected:
+            raise InvalidArgumentError(f"merge_lora: {name} has weight, lora_A, lora_B of shapes {shapes}; expected "
+                                       f"{expected}; nothing was merged")
+        devices = {t.device for t in (m.weight, m.lora_A, m.lora_B)}
+        if len(devices) != 1:
+            raise InvalidArgumentError(f"merge_lora: {name} has its weight and adapters on {sorted(map(str, devices))}"
+                                       "; expected one device; nothing was merged")
     for name, m in mods.items():
         delta = (m.lora_B.float() @ m.lora_A.float()) * m.scaling
         m.weight.add_(delta.to(m.weight.dtype))

@@ -291,3 +291,68 @@ def test_load_hf_adapt_names_a_parameter_it_cannot_create(tmp_path):
 
     with pytest.raises(tessera.InvalidArgumentError, match=r"\['layers.1.extra'\] are neither in the files"):
         tm.load_hf(tmp_path, adapt=add_param)
+
+
+def _break_last_block(model, how):
+    blk = model.layers[-1]
+    if how == "not a Linear":
+        blk.feed_forward.w2 = nn.Sequential(blk.feed_forward.w2)
+    elif how == "missing":
+        del blk.feed_forward.w2
+    else:  # a linear with a bias
+        w = blk.feed_forward.w2
+        blk.feed_forward.w2 = nn.Linear(w.in_features, w.out_features, bias=True)
+
+
+@pytest.mark.parametrize("how,match", [("not a Linear", r"layers.2.feed_forward.w2 is Sequential, expected nn.Linear"),
+                                       ("missing", r"layers.2 has no \['feed_forward.w2'\]"),
+                                       ("bias", r"has a bias")])
+def test_rejected_apply_lora_changes_nothing(tmp_path, how, match):
+    # The last block's w2 is bad; layers 0 and 1 come first, and must not have been adapted or frozen.
+    make("llama_mha_tied_head_dim", tmp_path)
+    model = tm.load_hf(tmp_path)
+    _break_last_block(model, how)
+    before = [(n, p, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()]
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    rng = torch.get_rng_state()
+    with pytest.raises(tessera.InvalidArgumentError, match=match) as err:
+        apply_lora(model, LoRAConfig(targets=("wq", "w2")))
+    after = list(model.named_parameters())
+    assert [n for n, _ in after] == [n for n, *_ in before]
+    for (n, p, value, grad), (_, q) in zip(before, after):
+        assert q is p and q.requires_grad == grad and torch.equal(q, value), n
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert not hasattr(model, "lora_config") and torch.equal(torch.get_rng_state(), rng)
+    assert "nothing was changed" in str(err.value)
+
+
+def test_rejected_merge_lora_changes_nothing(tmp_path):
+    make("llama_mha_tied_head_dim", tmp_path)
+    model = _lora_model(tmp_path)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_()
+    lora_modules(model)["layers.2.feed_forward.w2"].lora_A = nn.Parameter(torch.zeros(3, 5))  # wrong shape
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(tessera.InvalidArgumentError,
+                       match=r"layers.2.feed_forward.w2 has .* \(3, 5\).* \(4, 96\).*nothing was merged"):
+        merge_lora(model)
+    assert len(lora_modules(model)) == 4 * model.config.n_layers
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_rejected_save_adapter_leaves_the_directory_as_it_was(tmp_path):
+    make("llama_mha_tied_head_dim", tmp_path / "base")
+    model = _lora_model(tmp_path / "base")
+    out = save_adapter(model, tmp_path / "a", base_model_name_or_path=str(tmp_path / "base"))
+    saved = {p.name: p.read_bytes() for p in out.iterdir()}
+    with torch.no_grad():
+        next(iter(lora_modules(model).values())).lora_B.normal_()  # new weights that must not reach the files
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        save_adapter(model, out, base_model_name_or_path=object())
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == saved
+    with pytest.raises(tessera.InvalidArgumentError, match="dtype must be a floating-point"):
+        save_adapter(model, out, dtype=torch.int8)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == saved
+    save_adapter(model, out, base_model_name_or_path=tmp_path / "base")  # a Path is written as a string
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "base")
