@@ -31,7 +31,9 @@ struct WorldOptions {
   Backend backend = Backend::kAuto;
   absl::Duration init_timeout = absl::Minutes(10);       // store connection and communicator set-up
   absl::Duration collective_timeout = absl::Minutes(5);  // the cap on every collective (Communicator::set_timeout_cap)
-  std::string gloo_plugin;  // path of the gloo plugin library; empty: the one installed with tessera
+  // Path of the gloo plugin library; empty: comm::FindGlooPlugin()'s, the plugin of the installed package the trainer
+  // was built against (see [Note: finding the gloo plugin] in comm/gloo/gloo_plugin.h).
+  std::string gloo_plugin;
 
   // From torchrun's variables RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and
   // TORCHELASTIC_USE_AGENT_STORE (the C++ API's only environment reads); a missing RANK / WORLD_SIZE means a

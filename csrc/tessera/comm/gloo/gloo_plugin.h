@@ -49,19 +49,34 @@
 namespace tessera::comm {
 
 // Creates GlooCommunicator::Create(rank, size, store, prefix, timeout, hostname) inside the plugin library at
-// `plugin_path` (empty: DefaultGlooPluginPath()), loaded with dlopen(RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND) so that
-// the plugin and its libgloo bind to each other and never to gloo symbols already in the process, and nothing of
-// them enters the global scope (see [Note: two gloos in one process]). The library stays loaded for the life of the
-// process (loaded once per path). `hostname` as in GlooCommunicator::Create ("" = this host's name; one-host tests
-// pass "127.0.0.1").
-// Errors: NotFound (no file at the path), FailedPrecondition (it cannot be loaded, lacks the entry, or was built
-// against another tessera/Abseil ABI), each naming the path and dlerror(); otherwise GlooCommunicator::Create's.
+// `plugin_path` (empty: the one FindGlooPlugin() finds), loaded with dlopen(RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND)
+// so that the plugin and its libgloo bind to each other and never to gloo symbols already in the process, and
+// nothing of them enters the global scope (see [Note: two gloos in one process]). The library stays loaded for the
+// life of the process (loaded once per path). `hostname` as in GlooCommunicator::Create ("" = this host's name;
+// one-host tests pass "127.0.0.1").
+// Errors: NotFound (no file at the path, or no plugin found), FailedPrecondition (it cannot be loaded, lacks the
+// entry, or was built against another tessera/Abseil ABI), each naming the path and dlerror(); otherwise
+// GlooCommunicator::Create's.
 absl::StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicatorIsolated(
     const std::string& plugin_path, int rank, int size, std::shared_ptr<KeyValueStore> store,
     const std::string& prefix, absl::Duration timeout, const std::string& hostname = "");
 
-// Where the plugin is installed: <CMAKE_INSTALL_FULL_LIBDIR>/libtessera_gloo_plugin.so, baked in at build time.
-std::string DefaultGlooPluginPath();
+// The plugin that CreateGlooCommunicatorIsolated loads when it is given no path: the absolute path of the first
+// libtessera_gloo_plugin.so found (see [Note: finding the gloo plugin]). NotFound naming every place it looked.
+absl::StatusOr<std::string> FindGlooPlugin();
+
+// [Note: finding the gloo plugin]
+// No install path is compiled in: a package installed with `cmake --install --prefix DIR`, or moved or copied
+// after that, must still find its own plugin (issue 17). tessera_core, which holds this loader, is a static
+// library, so "the library's own location" at run time is the binary it was linked into (the trainer, or a
+// shared library of the user's). FindGlooPlugin looks, in this order:
+//   1. next to that binary (dladdr): <dir>/libtessera_gloo_plugin.so and <dir>/../<libdir>/..., so a trainer
+//      installed into the tessera tree's bin/ or lib/ uses that tree's plugin, also after the tree is moved;
+//   2. in the dynamic loader's search path of that binary (dlinfo RTLD_DI_SERINFO): LD_LIBRARY_PATH, its
+//      RUNPATH, the system directories. find_package(Tessera) adds the plugin's directory, computed from where
+//      the package is found (cmake/TesseraConfig.cmake.in), to the RUNPATH of everything that links Tessera::core,
+//      so a trainer built against a package at any prefix finds that package's plugin.
+// An explicit path (WorldOptions::gloo_plugin, or `plugin_path` above) overrides the search.
 
 namespace gloo_plugin_abi {
 // The contract between CreateGlooCommunicatorIsolated and the plugin's entry. Bump kVersion (and the entry's name)

@@ -6,6 +6,8 @@
 // Both binaries also run the comm conformance suite over the plugin (backend `gloo_plugin`).
 // See [Note: two gloos in one process].
 #include <dlfcn.h>
+#include <limits.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -128,10 +130,21 @@ TEST(GlooPlugin, FileThatIsNoLibraryIsFailedPreconditionWithDlerror) {
   std::remove(path.c_str());
 }
 
-TEST(GlooPlugin, DefaultPathIsTheInstalledModule) {
-  const std::string path = DefaultGlooPluginPath();
-  EXPECT_EQ(path.front(), '/') << path;
-  EXPECT_TRUE(absl::EndsWith(path, "/libtessera_gloo_plugin.so")) << path;
+// Installed packages are checked by scripts/check_cmake_package.sh (any prefix, moved trees). In the build tree
+// the test binary has no plugin next to it nor in its RUNPATH: the error says where it looked and what to do.
+TEST(GlooPlugin, NotFoundNamesWhereItLookedAndTheOverride) {
+  char self[PATH_MAX];
+  ASSERT_NE(realpath("/proc/self/exe", self), nullptr);
+  const std::string dir = std::string(self).substr(0, std::string(self).rfind('/'));
+  auto found = FindGlooPlugin();
+  if (found.ok()) GTEST_SKIP() << "a plugin is installed where this binary looks: " << *found;
+  EXPECT_EQ(found.status().code(), absl::StatusCode::kNotFound) << found.status();
+  EXPECT_TRUE(absl::StrContains(found.status().message(), dir + "/libtessera_gloo_plugin.so")) << found.status();
+  EXPECT_TRUE(absl::StrContains(found.status().message(), "RUNPATH")) << found.status();
+  EXPECT_TRUE(absl::StrContains(found.status().message(), "WorldOptions::gloo_plugin")) << found.status();
+  // The same error from the communicator given no path.
+  auto comm = CreateGlooCommunicatorIsolated("", 0, 1, std::make_shared<InMemoryStore>(), "p", absl::Seconds(1));
+  EXPECT_EQ(comm.status(), found.status());
 }
 
 }  // namespace
