@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import tessera
-from tessera import exitcodes
+from tessera import _C, exitcodes
+from tessera.errors import NotSupportedError
 from tessera.recipes import build, data_sources
 from tessera.recipes.config import JobConfig, dump
 from tessera.recipes.faults import FaultInjector
@@ -34,18 +35,27 @@ from tessera.shard import waits
 
 class PerRank:
     """Puts `obj.state_dict()` in a checkpoint per rank (rank r restores what rank r saved): the data sampler's
-    position, so a resumed job draws exactly the batches an uninterrupted one would have."""
+    position, so a resumed job draws exactly the batches an uninterrupted one would have. A load only keeps what
+    was saved; apply() restores it, once Job.resume_from has checked that the checkpoint was saved on as many
+    ranks (rank r's position in another world's share of the rows would repeat or skip rows)."""
 
     per_rank = True
 
     def __init__(self, obj):
         self.obj = obj
+        self.loaded: dict | None = None
 
     def state_dict(self) -> dict:
         return self.obj.state_dict()
 
     def load_state_dict(self, sd: dict) -> None:
-        self.obj.load_state_dict(sd)
+        self.loaded = sd
+
+    def apply(self) -> None:
+        """Restores the loaded state into obj (nothing when none was loaded)."""
+        if self.loaded is not None:
+            self.obj.load_state_dict(self.loaded)
+            self.loaded = None
 
 
 @dataclass
@@ -148,7 +158,9 @@ class Job:
     def evaluate(self) -> float | None:
         """Mean token cross-entropy on the held-out rows (None when there are none). Rows are dealt out to the ranks
         in contiguous blocks of batch_size; a rank with nothing left runs a fully masked batch, so every rank runs
-        the same number of forwards (each forward all-gathers)."""
+        the same number of forwards (each forward all-gathers). See [Note: batches are read-only]."""
+        from tessera.data import IGNORE_INDEX, Batch
+
         rows = self.eval_rows
         if rows is None or len(rows) == 0:
             return None
@@ -163,8 +175,8 @@ class Job:
             start = r * per_round + self.rank * bs
             idx = [i for i in range(start, start + bs) if i < len(rows)]
             batch = rows.batch(idx or [0])
-            if not idx:
-                batch.labels.fill_(-100)
+            if not idx:  # new labels, never labels.fill_(): the batch's tensors may share storage
+                batch = Batch(batch.input_ids, torch.full_like(batch.labels, IGNORE_INDEX), batch.doc_ids)
             ce += float(self._forward_ce_sum(batch))
             n += batch.num_label_tokens
         self.model.train()
@@ -187,6 +199,24 @@ class Job:
         return text.strip()
 
     # ---- checkpoints and export ----------------------------------------------------------------------------
+
+    def resume_from(self, step: int) -> None:
+        """After checkpoint `step` was loaded into checkpoint_state(): checks that it was saved on this job's number
+        of ranks, then restores this rank's sampler position. Raises NotSupportedError (on every rank alike: all
+        read the same manifest) otherwise, before a step is trained or a file written.
+        [Note: resuming on another world size] Each rank's sampler position indexes that rank's share of the rows
+        (every world_size-th row of the epoch's order), so positions saved by W ranks mean other rows on W' ranks:
+        resuming would repeat some rows and skip others. Until the data order is resharded on load, it is refused."""
+        saved = _C.CheckpointReader(self.cfg.checkpoint_dir, step).world_size
+        if saved != self.world:
+            raise NotSupportedError(
+                f"checkpoint step {step} in {self.cfg.checkpoint_dir} was saved by a job on {saved} rank(s), and "
+                f"this job has {self.world}: resuming on a different number of ranks is not supported yet (each "
+                f"rank's position in the training data would repeat or skip rows). Resume on {saved} rank(s) "
+                f"(parallelism.world_size={saved}), or start a new run in another output_dir (or checkpoint.dir)")
+        for v in self.per_rank.values():
+            if isinstance(v, PerRank):
+                v.apply()
 
     def checkpoint_state(self) -> dict:
         """Everything exact resume needs: weights, AdamW state, step and token counters (the LR is a function of the
@@ -255,6 +285,8 @@ def train(cfg: JobConfig, *, device: torch.device, mixed_precision) -> dict:
     except tessera.CheckpointError as e:  # checkpoints exist and none loads: starting again cannot help
         e.exit_status = exitcodes.NO_CHECKPOINT
         raise
+    if resumed is not None:
+        job.resume_from(resumed)  # before anything is written or trained
     start = job.train_state["step"]
     earlier_j = job.train_state.get("energy_j", 0.0)  # earlier attempts, up to the checkpoint resumed from
     measuring = True  # until the first all-reduce shows that no rank has an energy counter

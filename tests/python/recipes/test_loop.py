@@ -4,7 +4,9 @@
 - activation checkpointing changes nothing but memory;
 - (a rank killed with SIGKILL and the job resuming bit-identical: test_launch.py; kills at each point of a save:
   tests/python/checkpoint/test_faults.py)
-- the demo recipe trains through the CLI and writes metrics.jsonl, TensorBoard events and plots."""
+- the demo recipe trains through the CLI and writes metrics.jsonl, TensorBoard events and plots;
+- the demo recipe on 3 ranks, where one rank has no held-out rows left: the held-out loss equals a float64
+  one-process evaluation; resuming its checkpoint on another number of ranks is refused before anything happens."""
 
 from __future__ import annotations
 
@@ -155,3 +157,88 @@ def test_demo_recipe_through_the_cli(tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "config.yaml").is_file()
+
+
+# The shipped demo recipe at 3 ranks, made tiny. Its 64 held-out rows in blocks of batch_size 8 per rank: rounds of
+# 24 rows, and in the third round rank 2 has none left (it runs a fully masked 1-row batch).
+DEMO_3 = ["model.overrides={dim: 32, n_layers: 1, n_heads: 2, n_kv_heads: 1, ffn_dim: 64, vocab_size: 256}",
+          "data.seq_len=16", "training.batch_size=8", "training.steps=1", "training.eval_every=0",
+          "checkpoint.every=1", "checkpoint.export_hf=false", "metrics.progress=false", "metrics.tensorboard=false"]
+
+
+def _demo_config(out: Path, *extra: str):
+    from tessera.recipes.config import load_config
+
+    return load_config(str(REPO / "recipes" / "tiny_llama_demo.yaml"), [*DEMO_3, f"output_dir={out}", *extra])
+
+
+def _train_job(rank, world, cfg, out_file):
+    from tessera.recipes.loop import train
+
+    try:
+        summary = train(cfg, device=torch.device("cpu"), mixed_precision=None)
+        result = {"eval_loss_before": summary.get("eval_loss_before")}  # absent when resumed
+    except Exception as e:  # noqa: BLE001 -- reported per rank: each rank must fail the same clear way
+        result = {"error": f"{type(e).__name__}: {e}"}
+    torch.save(result, f"{out_file}.{rank}")
+
+
+@pytest.fixture(scope="module")
+def demo_on_three_ranks(tmp_path_factory):
+    """(output_dir, per-rank results) of the demo recipe trained for one step on 3 ranks, checkpoint at step 1."""
+    out = tmp_path_factory.mktemp("demo3") / "run"
+    res = out.parent / "res"
+    run_ranks(3, _train_job, _demo_config(out), str(res))
+    return out, [torch.load(f"{res}.{r}") for r in range(3)]
+
+
+def _float64_eval_loss(cfg) -> tuple[float, int]:
+    """Mean token cross-entropy of the job's initial model on all its held-out rows, in one process, float64; and
+    the number of rows."""
+    import tessera
+    from tessera.recipes.build import init_weights, random_init_config
+    from tessera.recipes.data_sources import build_data
+
+    torch.manual_seed(cfg.training.seed)
+    model = tessera.models.build(random_init_config(cfg))
+    init_weights(model)
+    model = model.double()
+    rows = build_data(cfg, None, model.config.vocab_size, rank=0)[1]  # the same rows at any world size
+    b = rows.batch(list(range(len(rows))))
+    with torch.no_grad():
+        logits = model(b.input_ids, doc_ids=b.doc_ids)
+    return F.cross_entropy(logits.flatten(0, 1), b.labels.flatten(), ignore_index=-100).item(), len(rows)
+
+
+def test_eval_on_three_ranks_one_without_rows_equals_float64(demo_on_three_ranks, single_rank_group):
+    # Before the fix: 1-row synthetic batches had input_ids and labels as views of one storage, and the masked
+    # batch's labels.fill_(-100) wrote -100 into rank 2's inputs: IndexError in the embedding, failed collectives.
+    out, results = demo_on_three_ranks
+    assert all("error" not in r for r in results), results
+    cfg = _demo_config(out)
+    ref, n_rows = _float64_eval_loss(cfg)
+    bs = cfg.training.batch_size
+    last_round = (n_rows - 1) // (3 * bs) * 3 * bs
+    assert last_round + 2 * bs >= n_rows  # rank 2 has no rows left in the last round (64 rows: 48 + 16)
+    for r in results:
+        assert r["eval_loss_before"] == pytest.approx(ref, rel=1e-5)
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(root.rglob("*"))}
+
+
+def test_resume_on_another_world_size_is_refused_before_training(demo_on_three_ranks):
+    # Each rank's sampler position counts rows of that rank's share: on 2 ranks it would repeat and skip rows.
+    # Before the fix the job resumed (and trained step 2) without a word.
+    out, _ = demo_on_three_ranks
+    before = _snapshot(out)
+    res = out.parent / "resume"
+    run_ranks(2, _train_job, _demo_config(out, "training.steps=2", "parallelism.world_size=2"), str(res))
+    for r in range(2):
+        err = torch.load(f"{res}.{r}").get("error", "")
+        assert err.startswith("NotSupportedError: checkpoint step 1 in "), err
+        assert "saved by a job on 3 rank(s), and this job has 2" in err, err
+        assert "Resume on 3 rank(s) (parallelism.world_size=3), or start a new run in another output_dir" in err
+    assert _snapshot(out) == before  # nothing written: no step, no metrics, no config.yaml, no checkpoint
