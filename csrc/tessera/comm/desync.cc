@@ -3,11 +3,15 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "tessera/core/status.h"
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 namespace tessera::comm {
 namespace {
@@ -132,8 +136,92 @@ absl::StatusOr<std::unique_ptr<DesyncMonitor>> DesyncMonitor::Create(int rank, i
     // A note left under this prefix by an earlier job on a long-lived store must not pass for this rank's.
     int64_t ignored;
     TESSERA_RETURN_IF_ERROR_CTX(m->Publish(false, Position{}, &ignored), m->owner_, ": resetting the desync note");
+    if (m->options_.foreign_seq) {
+      if (m->options_.answer_interval <= absl::ZeroDuration()) {
+        return absl::InvalidArgumentError(absl::StrFormat("%s: answer interval (%s) must be > 0", m->owner_,
+                                                          absl::FormatDuration(m->options_.answer_interval)));
+      }
+      m->responder_ = std::thread([raw = m.get()] { raw->Respond(); });
+    }
   }
   return m;
+}
+
+DesyncMonitor::~DesyncMonitor() {
+  {
+    std::lock_guard<std::mutex> lock(responder_mu_);
+    responder_stop_ = true;
+  }
+  responder_cv_.notify_all();
+  if (responder_.joinable()) responder_.join();
+}
+
+std::string DesyncMonitor::StateKey(int rank) const {
+  return absl::StrFormat("%s/state/%d", options_.key_prefix, rank);
+}
+
+void DesyncMonitor::Respond() {
+  // See [Note: a peer blocked outside tessera]. Store errors are ignored: the asking rank then finds nothing and
+  // falls back to its timeout.
+  std::string last_token;
+  int64_t answers = 0;
+  const std::vector<std::string> ask{AskKey()};
+  std::unique_lock<std::mutex> lock(responder_mu_);
+  while (!responder_cv_.wait_for(lock, absl::ToChronoNanoseconds(options_.answer_interval),
+                                 [&] { return responder_stop_; })) {
+    lock.unlock();
+    absl::StatusOr<std::vector<std::optional<std::string>>> got = options_.store->TryGet(ask);
+    if (got.ok() && (*got)[0].has_value() && *(*got)[0] != last_token) {
+      last_token = *(*got)[0];
+      (void)options_.store->Set(StateKey(rank_), absl::StrFormat("%d\n%d\n%d", ++answers, next_seq_.load(),
+                                                                 options_.foreign_seq()));
+    }
+    lock.lock();
+  }
+}
+
+std::optional<DesyncMonitor::Answer> DesyncMonitor::DecodeAnswer(const std::optional<std::string>& raw) {
+  if (!raw.has_value()) return std::nullopt;
+  std::vector<std::string> parts = absl::StrSplit(*raw, '\n');
+  Answer a;
+  if (parts.size() != 3 || !absl::SimpleAtoi(parts[0], &a.number) || !absl::SimpleAtoi(parts[1], &a.issued) ||
+      !absl::SimpleAtoi(parts[2], &a.foreign)) {
+    return std::nullopt;
+  }
+  return a;
+}
+
+std::array<int64_t, 4> DesyncMonitor::Header(const Position& pos) {
+  const std::string text = absl::StrCat(pos.signature, "\n", pos.tag);
+  // 62 bits: the negation stays in range and the MAX all-reduce of {h, -h} yields max and -min exactly.
+  const int64_t h = static_cast<int64_t>(XXH3_64bits(text.data(), text.size()) >> 2);
+  return {pos.seq, -pos.seq, h, -h};
+}
+
+absl::Status DesyncMonitor::CompareHeaders(const Position& pos, const std::array<int64_t, 4>& reduced,
+                                           absl::Duration timeout) {
+  const std::array<int64_t, 4> mine = Header(pos);
+  if (reduced == mine) return absl::OkStatus();  // max == min == this rank's, for the seq and the hash
+  const std::string found_by = absl::StrFormat(
+      "found by the header exchange before collective #%d, before any of its data moved", pos.seq);
+  if (!enabled()) {
+    return Desync(absl::StrFormat("rank %d is at %s; another rank is at a different collective (pass a store to "
+                                  "name every rank's position)", rank_, pos.Describe()), found_by);
+  }
+  // Every rank saw the same reduced header, so every rank is here too: exchange positions through the store.
+  auto key = [&](int r) { return absl::StrFormat("%s/at/%d/%d", options_.key_prefix, pos.seq, r); };
+  TESSERA_RETURN_IF_ERROR_CTX(options_.store->Set(key(rank_), Encode(true, 0, pos)), owner_,
+                              ": publishing this rank's position after a header mismatch");
+  std::vector<std::string> keys;
+  for (int r = 0; r < size_; ++r) keys.push_back(key(r));
+  (void)options_.store->Wait(keys, std::min(timeout, absl::Seconds(30)));
+  TESSERA_ASSIGN_OR_RETURN(std::vector<std::optional<std::string>> got, options_.store->TryGet(keys));
+  std::vector<std::optional<Note>> notes(size_);
+  for (int r = 0; r < size_; ++r) {
+    std::optional<Decoded> d = got[r].has_value() ? Decode(*got[r]) : std::nullopt;
+    if (d.has_value()) notes[r] = Note{true, d->version, d->pos};
+  }
+  return Desync(Positions(notes), found_by);
 }
 
 std::string DesyncMonitor::NoteKey(int rank) const { return absl::StrFormat("%s/note/%d", options_.key_prefix, rank); }
@@ -149,11 +237,19 @@ absl::Status DesyncMonitor::Publish(bool waiting, const Position& pos, int64_t* 
   return options_.store->Set(NoteKey(rank_), Encode(waiting, *version_out, pos));
 }
 
-absl::Status DesyncMonitor::ReadNotes(std::vector<std::optional<std::string>>* raw, std::string* verdict) {
+absl::Status DesyncMonitor::ReadNotes(std::vector<std::optional<std::string>>* raw, std::string* verdict,
+                                      std::vector<std::optional<std::string>>* answers) {
   std::vector<std::string> keys;
   for (int r = 0; r < size_; ++r) keys.push_back(NoteKey(r));
   keys.push_back(VerdictKey());
+  if (answers != nullptr) {
+    for (int r = 0; r < size_; ++r) keys.push_back(StateKey(r));
+  }
   TESSERA_ASSIGN_OR_RETURN(std::vector<std::optional<std::string>> got, options_.store->TryGet(keys));
+  if (answers != nullptr) {
+    answers->assign(got.begin() + size_ + 1, got.end());
+    got.resize(size_ + 1);
+  }
   *verdict = got.back().value_or("");
   got.pop_back();
   *raw = std::move(got);
@@ -167,7 +263,7 @@ std::string DesyncMonitor::Positions(const std::vector<std::optional<Note>>& not
     if (!n.has_value()) {
       parts.push_back(absl::StrFormat("rank %d has not reached this communicator", r));
     } else if (!n->waiting) {
-      parts.push_back(absl::StrFormat("rank %d is not waiting in a collective of it", r));
+      parts.push_back(absl::StrFormat("rank %d is not in a tessera collective of it (computing, or blocked elsewhere)", r));
     } else {
       parts.push_back(absl::StrFormat("rank %d is at %s", r, n->pos.Describe()));
     }
@@ -181,7 +277,7 @@ absl::Status DesyncMonitor::Desync(const std::string& positions, const std::stri
       "order (a unit that runs on some ranks only, or data-dependent routing?)",
       kDesyncMarker, owner_, size_, found_by, positions);
   // Best effort: the peers reach the same verdict from the same notes anyway.
-  (void)options_.store->Set(VerdictKey(), msg);
+  if (enabled()) (void)options_.store->Set(VerdictKey(), msg);
   return absl::AbortedError(absl::StrFormat("rank %d: %s", rank_, msg));
 }
 
@@ -247,9 +343,14 @@ absl::Status DesyncMonitor::Await(const Position& pos, const std::string& what, 
     }
     return s;
   };
+  // See [Note: a peer blocked outside tessera]: ask every poll, and keep per peer the first answer that showed it
+  // blocked outside tessera (reset when a later answer differs).
+  const bool ask = static_cast<bool>(options_.foreign_seq);
+  std::vector<std::optional<Answer>> first_stuck(size_);
   std::vector<std::optional<std::string>> previous;
   std::string last_seen;
   while (true) {
+    if (ask) (void)options_.store->Set(AskKey(), absl::StrFormat("%d:%d", rank_, asks_.fetch_add(1)));
     const absl::Duration left = deadline - absl::Now();
     if (left <= absl::ZeroDuration()) {
       return finish(timed_out(last_seen.empty() ? "" : absl::StrCat("; at the last look ", last_seen)));
@@ -259,16 +360,16 @@ absl::Status DesyncMonitor::Await(const Position& pos, const std::string& what, 
       // A peer that found the desync first may have exited, failing this collective: its verdict says why.
       std::vector<std::optional<std::string>> raw;
       std::string verdict;
-      if (ReadNotes(&raw, &verdict).ok() && !verdict.empty()) {
+      if (ReadNotes(&raw, &verdict, nullptr).ok() && !verdict.empty()) {
         return absl::AbortedError(absl::StrFormat("rank %d: %s", rank_, verdict));
       }
       return finish(slice.status());
     }
     if (*slice) return finish(absl::OkStatus());
 
-    std::vector<std::optional<std::string>> raw;
+    std::vector<std::optional<std::string>> raw, answers;
     std::string verdict;
-    absl::Status read = ReadNotes(&raw, &verdict);
+    absl::Status read = ReadNotes(&raw, &verdict, ask ? &answers : nullptr);
     if (!read.ok()) {
       // The store lives in one rank's process (TCPStore): losing it usually means that rank is gone.
       return finish(absl::UnavailableError(absl::StrFormat(
@@ -291,12 +392,58 @@ absl::Status DesyncMonitor::Await(const Position& pos, const std::string& what, 
     }
     last_seen = Positions(notes);
     // Two identical reads in a row: no note is in its brief stale window between a wait finishing and its rewrite.
-    if (all_waiting && !all_same && raw == previous) {
-      return Desync(last_seen, absl::StrFormat("found after %s of waiting", absl::FormatDuration(
-                                                                                absl::Trunc(absl::Now() - start,
-                                                                                            absl::Milliseconds(100)))));
-    }
+    const std::string waited_for = absl::StrFormat(
+        "found after %s of waiting", absl::FormatDuration(absl::Trunc(absl::Now() - start, absl::Milliseconds(100))));
+    if (all_waiting && !all_same && raw == previous) return Desync(last_seen, waited_for);
     previous = std::move(raw);
+    if (!ask) continue;
+
+    // A peer stuck outside tessera: not waiting in one of this communicator's collectives, #seq not issued, and
+    // more collectives issued on the user's group than this rank (one this rank never issued).
+    const int64_t my_foreign = options_.foreign_seq();
+    std::vector<std::string> stuck;
+    for (int r = 0; r < size_; ++r) {
+      std::optional<Answer> a = DecodeAnswer(answers[r]);
+      const bool blocked = r != rank_ && a.has_value() && !(notes[r].has_value() && notes[r]->waiting) &&
+                           a->issued <= pos.seq && my_foreign >= 0 && a->foreign > my_foreign;
+      if (!blocked) {
+        first_stuck[r].reset();
+        continue;
+      }
+      if (!first_stuck[r].has_value() || first_stuck[r]->issued != a->issued ||
+          first_stuck[r]->foreign != a->foreign) {
+        first_stuck[r] = a;
+        continue;
+      }
+      if (a->number - first_stuck[r]->number < 2) continue;  // not yet seen unchanged long enough
+      stuck.push_back(absl::StrFormat(
+          "rank %d is not in a tessera collective: it issued %d collectives of its own (e.g. dist.barrier) on %s "
+          "where this rank issued %d, so it is blocked in one this rank never issued, and it has not issued tessera "
+          "collective #%d (%s)",
+          r, a->foreign, options_.foreign_name, my_foreign, pos.seq,
+          a->issued == 0 ? "none issued yet" : absl::StrFormat("its last was #%d", a->issued - 1)));
+    }
+    if (stuck.empty()) continue;
+    std::vector<std::string> parts;
+    for (int r = 0; r < size_; ++r) {
+      bool named = false;
+      for (const std::string& s : stuck) {
+        if (absl::StartsWith(s, absl::StrFormat("rank %d ", r))) {
+          parts.push_back(s);
+          named = true;
+        }
+      }
+      if (named) continue;
+      if (r == rank_) {
+        parts.push_back(absl::StrFormat("rank %d is at %s", r, pos.Describe()));
+      } else if (notes[r].has_value() && notes[r]->waiting) {
+        parts.push_back(absl::StrFormat("rank %d is at %s", r, notes[r]->pos.Describe()));
+      } else {
+        parts.push_back(absl::StrFormat("rank %d is not in a tessera collective of it (computing, or blocked "
+                                        "elsewhere)", r));
+      }
+    }
+    return Desync(absl::StrJoin(parts, ", "), waited_for);
   }
 }
 

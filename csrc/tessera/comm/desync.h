@@ -24,8 +24,39 @@
 //
 // Polling reads every rank's note, so the cost after the first deadline grows with the world size (one check and
 // one multi-get per poll per rank); it is paid only by waits that are already abnormally long.
+//
+// [Note: a peer blocked outside tessera]
+// A rank that is in no tessera collective has no note to compare: it may be computing (slow, e.g. saving a file
+// while the others already wait in the next all-gather: legitimate), or blocked in a collective of the user's own
+// on the group tessera was given (e.g. dist.barrier() while the others run an evaluation forward: a deadlock that
+// would otherwise last the whole collective timeout). Telling them apart needs positive evidence, from the peer:
+//   - a waiting rank that passed the first deadline asks: it rewrites <prefix>/ask with a new token at every poll;
+//   - every rank runs a responder thread that reads <prefix>/ask every answer_interval (one store read; torch's
+//     NCCL heartbeat monitor polls its store the same way) and, when the token changed, writes <prefix>/state/<rank>:
+//     an answer counter, how many tessera collectives it issued, and how many collectives it issued on the user's
+//     group (c10d's sequence number for that group, DesyncOptions::foreign_seq);
+//   - the waiting rank at tessera collective #s calls a peer stuck elsewhere when the peer has not issued #s and has
+//     issued more collectives on the user's group than this rank: a collective this rank never issued, so it cannot
+//     finish while this rank waits here. The same answer (nothing issued since) must come back twice more, at least
+//     two answer intervals apart, so a peer that issued such a collective asynchronously and is on its way to #s is
+//     not called stuck. Then every rank's position is reported as a desync: "rank 1 is not in a tessera collective:
+//     ...". Without that evidence (a computing peer issues nothing on the user's group) the wait goes on, and the
+//     timeout still says where every rank was.
+// Idle cost: one store read per answer_interval (1 s) per communicator per rank; a write per answer only while some
+// rank asks.
+//
+// [Note: a header before every gloo collective]
+// Two ranks at different collectives of tessera's own group would have gloo pair them by issue order: different
+// sizes make gloo's transport thread throw (gloo::EnforceNotMet "Received data size doesn't match expected size"),
+// which aborts the process; equal sizes silently mix unrelated data. So the pg backend exchanges a fixed-size header
+// before every collective (Header(): the sequence number and a hash of the signature and tag, with their negations,
+// all-reduced with MAX: 32 bytes, whatever the world size) and issues the collective only if every rank's header was
+// the same. Every rank sees the same reduced header, so a mismatch raises Aborted (tessera.DesyncError) on every
+// rank at the same collective, naming every rank's position (exchanged through the store), and no data moves.
+// The header wait goes through Await (deadline, notes) like any wait. Costs are measured in pg_communicator.h.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -35,6 +66,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -104,6 +136,13 @@ struct DesyncOptions {
   absl::Duration poll_interval = absl::Milliseconds(500);
   // Compare every collective's position across ranks before it runs (needs a store).
   bool strict = false;
+  // How many collectives this rank issued on the group the user calls torch.distributed collectives on (the group
+  // tessera.shard was given; c10d's sequence number), or -1 when unknown. Null: none; a peer blocked outside tessera
+  // is then found at the timeout only (see [Note: a peer blocked outside tessera]).
+  std::function<int64_t()> foreign_seq;
+  std::string foreign_name = "the user's group";  // that group, in messages
+  // How often the responder thread looks for a question from a waiting rank (with a store and foreign_seq only).
+  absl::Duration answer_interval = absl::Seconds(1);
 };
 
 // Waits up to the given duration for an operation: true when it finished, false while it still runs, or the
@@ -117,8 +156,17 @@ class DesyncMonitor {
   static absl::StatusOr<std::unique_ptr<DesyncMonitor>> Create(int rank, int size, std::string owner,
                                                                DesyncOptions options);
 
+  ~DesyncMonitor();
+
   // The position of the next collective group issued (takes its sequence number).
   Position Next(absl::Span<const Collective> ops, const std::string& tag);
+
+  // The fixed-size header every rank all-reduces with MAX before the collective at `pos` (see [Note: a header
+  // before every gloo collective]): {seq, -seq, hash, -hash}.
+  static std::array<int64_t, 4> Header(const Position& pos);
+  // OK if `reduced` (the MAX all-reduce of every rank's Header()) says every rank is at `pos`; otherwise Aborted on
+  // every rank, naming every rank's position (read through the store within `timeout`, when there is one).
+  absl::Status CompareHeaders(const Position& pos, const std::array<int64_t, 4>& reduced, absl::Duration timeout);
 
   // Strict mode: OK once every rank reached `pos` at the same seq; Aborted naming every rank's position if any
   // differs; DeadlineExceeded if some rank does not reach seq within `timeout`. OK at once when not strict.
@@ -145,9 +193,22 @@ class DesyncMonitor {
   std::string VerdictKey() const;
   absl::Status Publish(bool waiting, const Position& pos, int64_t* version_out);
   // Every rank's note (nullopt: none yet) and the verdict, or the store's error.
-  absl::Status ReadNotes(std::vector<std::optional<std::string>>* raw, std::string* verdict);
+  // With `answers`, also every rank's answer (see [Note: a peer blocked outside tessera]).
+  absl::Status ReadNotes(std::vector<std::optional<std::string>>* raw, std::string* verdict,
+                         std::vector<std::optional<std::string>>* answers);
   std::string Positions(const std::vector<std::optional<Note>>& notes) const;
   absl::Status Desync(const std::string& positions, const std::string& found_by);
+  std::string AskKey() const { return options_.key_prefix + "/ask"; }
+  std::string StateKey(int rank) const;
+  void Respond();  // the responder thread's loop
+
+  // What a peer said about itself (see [Note: a peer blocked outside tessera]).
+  struct Answer {
+    int64_t number = 0;   // its answer counter
+    int64_t issued = 0;   // tessera collectives it issued on this communicator
+    int64_t foreign = -1;  // collectives it issued on the user's group
+  };
+  static std::optional<Answer> DecodeAnswer(const std::optional<std::string>& raw);
 
   const int rank_;
   const int size_;
@@ -156,6 +217,12 @@ class DesyncMonitor {
   std::atomic<int64_t> next_seq_{0};
   std::mutex mu_;            // orders note writes of concurrent waits
   int64_t note_version_ = 0;  // guarded by mu_; the version of this rank's latest note
+  std::atomic<int64_t> asks_{0};  // questions this rank asked (a fresh token each)
+  // The responder thread (with a store and foreign_seq): stopped and joined by the destructor.
+  std::mutex responder_mu_;
+  std::condition_variable responder_cv_;
+  bool responder_stop_ = false;  // guarded by responder_mu_
+  std::thread responder_;
 };
 
 }  // namespace tessera::comm

@@ -115,7 +115,7 @@ void BindComm(py::module_& m) {
 
   m.def("pg_communicator",
         [](const c10::intrusive_ptr<c10d::ProcessGroup>& group, py::object store, const std::string& key_prefix,
-           double first_deadline_s, bool strict) -> std::shared_ptr<comm::Communicator> {
+           double first_deadline_s, bool strict, py::object user_group) -> std::shared_ptr<comm::Communicator> {
           if (store.is_none()) {
             if (strict) {
               ThrowIfError(absl::InvalidArgumentError("pg_communicator: strict=True needs store= (a c10d Store)"));
@@ -127,18 +127,23 @@ void BindComm(py::module_& m) {
           desync.key_prefix = key_prefix;
           desync.first_deadline = absl::Seconds(first_deadline_s);
           desync.strict = strict;
+          c10::intrusive_ptr<c10d::ProcessGroup> user;
+          if (!user_group.is_none()) user = user_group.cast<c10::intrusive_ptr<c10d::ProcessGroup>>();
           // Create() writes this rank's first note to the store: no GIL needed, none held.
-          auto made = NoGil([&] { return comm::PgCommunicator::Create(group, std::move(desync)); });
+          auto made = NoGil([&] { return comm::PgCommunicator::Create(group, std::move(desync), user); });
           return std::shared_ptr<comm::Communicator>(ValueOrThrow(std::move(made)));
         },
         py::arg("group"), py::arg("store") = py::none(), py::arg("key_prefix") = "",
         py::arg("first_deadline_s") = absl::ToDoubleSeconds(comm::kDefaultDesyncFirstDeadline),
-        py::arg("strict") = false,
-        "A tessera Communicator over a torch.distributed ProcessGroup (gloo for CPU ranks). With `store` (a c10d "
-        "Store every rank of the group reaches) and `key_prefix` (unique to this communicator, the same on every "
-        "rank), a wait longer than `first_deadline_s` compares positions with the other ranks, and ranks at "
-        "different collectives raise tessera.DesyncError naming every rank's position; `strict` compares every "
-        "collective before it runs (see csrc/tessera/comm/desync.h).");
+        py::arg("strict") = false, py::arg("user_group") = py::none(),
+        "A tessera Communicator over a torch.distributed ProcessGroup (gloo for CPU ranks). Every collective is "
+        "preceded by a 32-byte header all-reduce, so ranks at different collectives raise tessera.DesyncError "
+        "instead of having gloo pair them. With `store` (a c10d Store every rank of the group reaches) and "
+        "`key_prefix` (unique to this communicator, the same on every rank), a wait longer than `first_deadline_s` "
+        "compares positions with the other ranks, and the error names every rank's position; `strict` compares "
+        "every collective before it runs. `user_group`: when `group` is tessera's own group, the group the user's "
+        "own collectives run on (a peer blocked in one of those is then found within seconds). See "
+        "csrc/tessera/comm/pg/pg_communicator.h and desync.h.");
 
   m.def("cuda_built", &kernels::CudaKernelsBuilt, "Whether this build has the CUDA kernels and NCCL backend.");
 

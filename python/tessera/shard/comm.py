@@ -7,6 +7,19 @@ The c10d adapter diagnoses ranks out of step: a wait longer than knobs.desync_fi
 with the other ranks through the default c10d Store and raises tessera.DesyncError naming every rank's position
 (TESSERA_DESYNC_CHECK=1 compares every collective before it runs). See csrc/tessera/comm/desync.h.
 
+[Note: tessera's collectives on a group of their own] tessera's CPU collectives never run on the group the user
+passed: for each such group, `_own_group` makes one gloo group over the same ranks, so the user's own collectives
+(dist.barrier, dist.all_reduce on that group) never pair with tessera's in gloo's issue order, and every tessera
+collective is preceded by a header exchange that turns ranks out of step into tessera.DesyncError on every rank
+(see [Note: tessera's own group, and a header before every collective] in csrc/tessera/comm/pg/pg_communicator.h).
+It is a ProcessGroupGloo over a PrefixStore of the default store, made directly rather than with dist.new_group:
+new_group needs every rank of the world to call it with the same ranks (HSDP ranks shard over different groups) and
+renumbers the user's later groups, and new_group(use_local_synchronization=True) names groups by their ranks, so it
+would collide with a user's group over the same ranks. This module owns it (the adapter holds it weakly): it goes
+when the user's group goes, or at exit (an atexit hook, while Python is fully alive; see [Note: the adapter does not
+own the group] in pg_communicator.h), except after a desync or timeout, when the C++ side keeps it until the
+process ends (destroying it would wait for its pending collective up to its timeout).
+
 [Note: init and training timeouts] Joining a group (every rank must start, load, reach init) and the first step
 (allocation, a checkpoint load, warm-up) may take minutes; a steady-state step takes seconds. One timeout for both
 is either too short for the start or far too long for a hung peer later. So `set_timeouts(init_s=...)` bounds the
@@ -18,6 +31,8 @@ that watches every issued collective (csrc/tessera/comm/watchdog.h; NCCL: the co
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import itertools
 import math
 import weakref
@@ -37,6 +52,9 @@ _nccl_counter = itertools.count()
 # communicators in the same order (the same model is sharded everywhere), so (group name, count) names one
 # communicator identically on every rank: its key prefix in the shared store.
 _pg_counters: dict[str, "itertools.count[int]"] = {}
+# User group -> tessera's own gloo group over the same ranks (see [Note: tessera's collectives on a group of their
+# own]); the only strong reference to it.
+_own_groups: "weakref.WeakKeyDictionary[dist.ProcessGroup, dist.ProcessGroup]" = weakref.WeakKeyDictionary()
 # See [Note: init and training timeouts]; applied to communicators made later too.
 _init_timeout_s: float = knobs.DEFAULT_COLLECTIVE_TIMEOUT_S
 _collective_cap_s: float = math.inf
@@ -119,13 +137,43 @@ def communicator(group, device: torch.device) -> _C.Communicator:
 def _pg_communicator(group) -> _C.Communicator:
     k = knobs.load()
     n = next(_pg_counters.setdefault(group.group_name, itertools.count()))
+    store = dist.distributed_c10d._get_default_store()
     return _C.pg_communicator(
-        group,
-        store=dist.distributed_c10d._get_default_store(),
+        _own_group(group, store, f"tessera/pg/{group.group_name}/{n}/"),
+        store=store,
         key_prefix=f"tessera/desync/{group.group_name}/{n}",
         first_deadline_s=k.desync_first_deadline_s,
         strict=k.desync_check,
+        user_group=group,
     )
+
+
+def _own_group(group, store, prefix: str):
+    """tessera's own gloo group over the ranks of `group` (see [Note: tessera's collectives on a group of their
+    own]), made on first use; every rank of `group` must make it (each meets the others under `prefix` in
+    `store`, within the init timeout)."""
+    own = _own_groups.get(group)
+    if own is not None:
+        return own
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    prefixed = dist.PrefixStore(prefix, store)
+    timeout = datetime.timedelta(seconds=min(_init_timeout_s, 10 * 365 * 86400))
+    backend = dist.ProcessGroupGloo(prefixed, rank, size, timeout=timeout)
+    own = dist.ProcessGroup(prefixed, rank, size)
+    gloo = dist.ProcessGroup.BackendType.GLOO
+    own._register_backend(torch.device("cpu"), gloo, backend)
+    own._set_default_backend(gloo)
+    own._set_group_name(f"tessera:{group.group_name}")
+    own._set_group_desc(f"tessera's collectives for group {group.group_name!r}")
+    _own_groups[group] = own
+    return own
+
+
+@atexit.register
+def _release_own_groups() -> None:
+    # While the interpreter is fully alive: a gloo group torn down during finalization has aborted ranks (see
+    # [Note: the adapter does not own the group]).
+    _own_groups.clear()
 
 
 def _nccl_communicator(group, device: torch.device) -> _C.Communicator:

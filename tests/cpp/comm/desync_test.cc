@@ -4,6 +4,9 @@
 // check stops a mismatch before the collective runs.
 #include "tessera/comm/desync.h"
 
+#include <algorithm>
+#include <array>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
@@ -14,6 +17,7 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace tessera::comm {
@@ -58,8 +62,11 @@ Collective Op(CollectiveKind kind, int64_t n) {
   return Collective{kind, in, out};
 }
 
+// `foreign` (optional): per rank, how many collectives it issued on the user's group (see [Note: a peer blocked
+// outside tessera]).
 std::vector<std::unique_ptr<DesyncMonitor>> Monitors(int size, std::shared_ptr<KeyValueStore> store,
-                                                     bool strict = false) {
+                                                     bool strict = false,
+                                                     std::vector<std::atomic<int64_t>>* foreign = nullptr) {
   std::vector<std::unique_ptr<DesyncMonitor>> out;
   for (int r = 0; r < size; ++r) {
     DesyncOptions o;
@@ -68,6 +75,11 @@ std::vector<std::unique_ptr<DesyncMonitor>> Monitors(int size, std::shared_ptr<K
     o.first_deadline = absl::Milliseconds(200);
     o.poll_interval = absl::Milliseconds(50);
     o.strict = strict;
+    if (foreign != nullptr) {
+      o.foreign_seq = [foreign, r] { return (*foreign)[r].load(); };
+      o.foreign_name = "group 'user'";
+      o.answer_interval = absl::Milliseconds(50);
+    }
     auto m = DesyncMonitor::Create(r, size, "communicator 'test/comm0' (fake)", o);
     EXPECT_TRUE(m.ok()) << m.status();
     out.push_back(std::move(m).value());
@@ -165,7 +177,75 @@ TEST(DesyncTest, AMissingRankStillTimesOutAndTheMessageSaysWhereTheOthersWere) {
   EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded) << s;
   EXPECT_TRUE(absl::StrContains(s.message(), "all_gather on rank 0 did not finish within 1s")) << s;
   EXPECT_TRUE(absl::StrContains(s.message(), "rank 0 is at #0 forward all-gather")) << s;
-  EXPECT_TRUE(absl::StrContains(s.message(), "rank 1 is not waiting in a collective of it")) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "rank 1 is not in a tessera collective of it")) << s;
+}
+
+TEST(DesyncTest, APeerBlockedInACollectiveOfItsOwnIsNamedSoonAfterTheFirstDeadline) {
+  // Rank 1 is in a dist.barrier() (one more collective on the user's group than rank 0) and never reaches #0.
+  auto store = std::make_shared<InMemoryStore>();
+  std::vector<std::atomic<int64_t>> foreign(2);
+  foreign[0] = 4;
+  foreign[1] = 5;
+  auto monitors = Monitors(2, store, false, &foreign);
+  const Collective gather = Op(CollectiveKind::kAllGather, 4);
+  Position p = monitors[0]->Next({&gather, 1}, "forward all-gather of unit 'blocks.0'");
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::Status s = monitors[0]->Await(p, "op", absl::Minutes(10), NeverDone());
+  EXPECT_LT(SecondsSince(t0), 5.0);
+  EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "rank 0 is at #0 forward all-gather of unit 'blocks.0'")) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(),
+                                "rank 1 is not in a tessera collective: it issued 5 collectives of its own (e.g. "
+                                "dist.barrier) on group 'user' where this rank issued 4, so it is blocked in one this "
+                                "rank never issued, and it has not issued tessera collective #0 (none issued yet)"))
+      << s;
+}
+
+TEST(DesyncTest, APeerThatIsOnlyComputingIsNotCalledStuck) {
+  // Rank 1 issued nothing rank 0 did not (e.g. rank 0 waits while rank 1 saves a file): only the timeout ends it,
+  // and it says where rank 1 was. Then rank 1 issued a collective of its own but also reached tessera's #0 (it
+  // issued it): not stuck either.
+  for (int64_t issued_by_1 : {0, 1}) {
+    SCOPED_TRACE(issued_by_1);
+    auto store = std::make_shared<InMemoryStore>();
+    std::vector<std::atomic<int64_t>> foreign(2);
+    foreign[0] = 4;
+    foreign[1] = 4 + issued_by_1;
+    auto monitors = Monitors(2, store, false, &foreign);
+    const Collective gather = Op(CollectiveKind::kAllGather, 4);
+    if (issued_by_1) (void)monitors[1]->Next({&gather, 1}, "forward all-gather of unit 'blocks.0'");
+    Position p = monitors[0]->Next({&gather, 1}, "forward all-gather of unit 'blocks.0'");
+    absl::Status s = monitors[0]->Await(p, "op", absl::Milliseconds(1500), NeverDone());
+    EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded) << s;
+    EXPECT_TRUE(absl::StrContains(s.message(), "rank 1 is not in a tessera collective of it (computing")) << s;
+  }
+}
+
+TEST(DesyncTest, HeadersOfDifferentCollectivesAbortEveryRankNamingEveryPosition) {
+  auto store = std::make_shared<InMemoryStore>();
+  auto monitors = Monitors(2, store);
+  const Collective gather = Op(CollectiveKind::kAllGather, 4);
+  std::vector<Position> pos = {monitors[0]->Next({&gather, 1}, "forward all-gather of unit 'layers.0'"),
+                               monitors[1]->Next({&gather, 1}, "backward all-gather of unit 'layers.0'")};
+  // Same signature, different tag: still out of step. The MAX all-reduce of the two headers:
+  std::array<int64_t, 4> reduced = DesyncMonitor::Header(pos[0]);
+  const std::array<int64_t, 4> other = DesyncMonitor::Header(pos[1]);
+  for (int i = 0; i < 4; ++i) reduced[i] = std::max(reduced[i], other[i]);
+  auto statuses = OnRanks(2, [&](int r) { return monitors[r]->CompareHeaders(pos[r], reduced, absl::Seconds(10)); });
+  for (int r = 0; r < 2; ++r) {
+    SCOPED_TRACE(r);
+    EXPECT_EQ(statuses[r].code(), absl::StatusCode::kAborted) << statuses[r];
+    const std::string msg(statuses[r].message());
+    EXPECT_TRUE(absl::StrContains(msg, absl::StrCat("rank ", r, ": collectives out of step"))) << msg;
+    EXPECT_TRUE(absl::StrContains(msg, "found by the header exchange before collective #0, before any of its data "
+                                       "moved")) << msg;
+    EXPECT_TRUE(absl::StrContains(msg, "rank 0 is at #0 forward all-gather of unit 'layers.0'")) << msg;
+    EXPECT_TRUE(absl::StrContains(msg, "rank 1 is at #0 backward all-gather of unit 'layers.0'")) << msg;
+  }
+  // Equal headers pass; so do headers of equal positions on every rank.
+  const Position next = monitors[0]->Next({&gather, 1}, "t");
+  EXPECT_EQ(monitors[0]->CompareHeaders(next, DesyncMonitor::Header(next), absl::Seconds(1)), absl::OkStatus());
+  EXPECT_NE(DesyncMonitor::Header(next), DesyncMonitor::Header(Position{next.seq + 1, next.signature, next.tag}));
 }
 
 TEST(DesyncTest, WithoutAStoreAWaitIsAPlainTimeout) {

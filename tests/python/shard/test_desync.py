@@ -1,5 +1,6 @@
 """Ranks out of step on real gloo ranks: they raise tessera.DesyncError within seconds, naming every rank's
-position, instead of each waiting out the 600 s collective timeout; slow ranks at the same collective still get
+position, instead of each waiting out the 600 s collective timeout or having gloo pair mismatched collectives (a
+SIGABRT); a peer blocked in a collective of the user's own is named; slow ranks at the same collective still get
 their result; the strict check (TESSERA_DESYNC_CHECK=1) stops the first diverging collective before it runs."""
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import tessera
 from conftest import run_ranks
@@ -103,44 +103,75 @@ def test_strict_check_stops_the_first_diverging_collective(monkeypatch):
     run_ranks(2, _strict)
 
 
-class _TwoBlocks(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
-        self.head = nn.Linear(8, 4)
+def _tiny_hf_llama():
+    """A tiny transformers Llama sharded per layer, then the root, as a new user would."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    def forward(self, x, skip_block_1=False):
-        x = self.blocks[0](x)
-        if not skip_block_1:  # data-dependent routing, differing across ranks
-            x = self.blocks[1](x)
-        return self.head(x)
-
-
-def _unit_skipped(rank, world):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32)
     torch.manual_seed(0)
-    model = _TwoBlocks()
-    for block in model.blocks:
-        tessera.shard(block)
+    model = LlamaForCausalLM(cfg)
+    for layer in model.model.layers:
+        tessera.shard(layer)
     tessera.shard(model)
+    tessera.set_timeouts(collective_s=30)  # before the fix, (a) waited this out
+    return model, torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def _eval_while_peer_in_barrier(rank, world):
+    model, ids = _tiny_hf_llama()
+    if rank == 1:
+        dist.barrier()  # rank 0 releases it once it has raised
+    else:
+        t0 = time.monotonic()
+        with pytest.raises(tessera.DesyncError) as info:
+            with torch.no_grad():
+                model(ids)  # an evaluation forward on rank 0 only
+        elapsed = time.monotonic() - t0
+        msg = str(info.value)
+        # First deadline 2 s, then two more answers from rank 1's responder (1 s apart): about 5 s.
+        assert elapsed < 12, f"took {elapsed:.1f} s: {msg}"
+        assert "rank 0: collectives out of step" in msg, msg
+        assert "rank 0 is at #0 forward parameter all-gather of unit 'LlamaForCausalLM'" in msg, msg
+        assert ("rank 1 is not in a tessera collective: it issued 1 collectives of its own (e.g. dist.barrier) on "
+                "group '0' (the group given to tessera.shard) where this rank issued 0, so it is blocked") in msg, msg
+        dist.barrier()
+    _leave_together(rank, world, "barrier")
+
+
+def test_peer_blocked_in_its_own_barrier_is_named_within_seconds(monkeypatch):
+    monkeypatch.delenv("TESSERA_DESYNC_CHECK", raising=False)
+    monkeypatch.setenv("TESSERA_DESYNC_FIRST_DEADLINE_S", "2")
+    run_ranks(2, _eval_while_peer_in_barrier)
+
+
+def _eval_on_one_rank_then_train(rank, world):
+    model, ids = _tiny_hf_llama()
+    if rank == 0:
+        with torch.no_grad():
+            model(ids)  # rank 1 skips the evaluation: from here on the ranks are out of step
     t0 = time.monotonic()
     with pytest.raises(tessera.DesyncError) as info:
-        for _ in range(3):  # whichever collective diverges first, the ranks cannot all finish three steps
-            model(torch.ones(2, 8), skip_block_1=rank == 1).sum().backward()
-    elapsed = time.monotonic() - t0
+        model(ids, labels=ids).loss.backward()
     msg = str(info.value)
-    assert elapsed < 30, f"rank {rank} took {elapsed:.1f} s: {msg}"
-    assert "rank 0 is at #" in msg and "rank 1 is at #" in msg, msg
-    # The positions name the units by module path and the pass, from the tags the units give their collectives,
-    # e.g. "rank 0 is at #3 backward parameter all-gather of unit 'blocks.1 (Linear)' (all_gather of 36 ...)".
-    assert "parameter all-gather of unit 'blocks.1 (Linear)'" in msg, msg
-    assert "gradient reduce-scatter of unit '_TwoBlocks'" in msg, msg
-    _leave_together(rank, world, "unit")
+    # Before the fix gloo paired the mismatched collectives and rank 0 died with SIGABRT (run_ranks reports it).
+    assert time.monotonic() - t0 < 10, msg
+    assert f"rank {rank}: collectives out of step" in msg, msg
+    # The positions name the units by module path and the pass, from the tags the units give their collectives.
+    # Rank 0's 3 evaluation all-gathers paired with rank 1's training forward; the next one differs.
+    assert "before collective #3, before any of its data moved" in msg, msg
+    assert "rank 0 is at #3 forward parameter all-gather of unit 'LlamaForCausalLM' (all_gather of 2064" in msg, msg
+    assert ("rank 1 is at #3 backward parameter all-gather of unit 'model.layers.1 (LlamaDecoderLayer)' "
+            "(all_gather of 4640") in msg, msg
+    with pytest.raises(tessera.DesyncError, match="unusable from now on"):  # nothing is paired after it either
+        model(ids)
+    _leave_together(rank, world, "eval")
 
 
-def test_unit_skipped_on_one_rank(monkeypatch):
+def test_evaluation_on_one_rank_then_training_raises_desync_error_on_every_rank(monkeypatch):
     monkeypatch.delenv("TESSERA_DESYNC_CHECK", raising=False)
     monkeypatch.delenv("TESSERA_COLLECTIVE_TIMEOUT_S", raising=False)
-    run_ranks(2, _unit_skipped)
+    run_ranks(2, _eval_on_one_rank_then_train)
 
 
 def test_desync_knobs(monkeypatch):

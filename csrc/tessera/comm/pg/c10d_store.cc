@@ -35,6 +35,7 @@ absl::StatusOr<std::vector<std::optional<std::string>>> C10dStore::TryGet(absl::
       for (size_t i = 0; i < values.size(); ++i) out[i] = ToString(values[i]);
       return out;
     }
+    if (keys.size() == 1) return out;  // absent: one round trip (the responder thread's idle poll)
     for (size_t i = 0; i < keys.size(); ++i) {
       if (store_->check({keys[i]})) out[i] = ToString(store_->get(keys[i]));
     }

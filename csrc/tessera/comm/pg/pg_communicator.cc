@@ -1,13 +1,16 @@
 #include "tessera/comm/pg/pg_communicator.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
+#include <cstring>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
 #include <exception>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "tessera/core/status.h"
 #include "tessera/torch/tensor_view.h"
@@ -148,8 +151,22 @@ PgCommunicator::PgCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> group)
 PgCommunicator::~PgCommunicator() = default;
 
 absl::StatusOr<std::unique_ptr<PgCommunicator>> PgCommunicator::Create(c10::intrusive_ptr<c10d::ProcessGroup> group,
-                                                                      DesyncOptions desync) {
+                                                                      DesyncOptions desync,
+                                                                      c10::intrusive_ptr<c10d::ProcessGroup> user_group) {
   std::unique_ptr<PgCommunicator> c(new PgCommunicator(std::move(group)));
+  if (user_group && desync.store != nullptr) {
+    // Weak: the user's group belongs to torch.distributed (see [Note: the adapter does not own the group]).
+    desync.foreign_name = absl::StrFormat("group '%s' (the group given to tessera.shard)", user_group->getGroupName());
+    desync.foreign_seq = [weak = c10::weak_intrusive_ptr<c10d::ProcessGroup>(user_group)]() -> int64_t {
+      c10::intrusive_ptr<c10d::ProcessGroup> g = weak.lock();
+      if (!g) return -1;
+      try {
+        return static_cast<int64_t>(g->getBackend(c10::DeviceType::CPU)->getSequenceNumberForGroup());
+      } catch (const std::exception&) {
+        return -1;  // no CPU backend, or one without sequence numbers
+      }
+    };
+  }
   std::string owner = absl::StrFormat("communicator '%s' (%s)", desync.key_prefix, c->name_);
   TESSERA_ASSIGN_OR_RETURN(c->monitor_, DesyncMonitor::Create(c->rank_, c->size_, owner, std::move(desync)));
   return c;
@@ -173,6 +190,10 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
   for (const Collective& op : ops) TESSERA_RETURN_IF_ERROR(ValidateCollective(op, size_));
   TESSERA_ASSIGN_OR_RETURN(c10::intrusive_ptr<c10d::ProcessGroup> group, group());
   TESSERA_RETURN_IF_ERROR(watchdog_->status());  // a collective of this communicator missed its deadline earlier
+  {
+    std::lock_guard<std::mutex> lock(broken_mu_);
+    if (!broken_.ok()) return broken_;
+  }
   if (ops.empty()) return std::unique_ptr<Work>(std::make_unique<DoneWork>());
   const absl::Duration deadline = EffectiveTimeout(options.timeout);
   const auto timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(deadline));
@@ -187,6 +208,7 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
   const std::string what =
       ops.size() == 1 ? describe(ops[0])
                       : absl::StrFormat("%s on %s [%s, #%d]", pos.signature, where, backend_name(), pos.seq);
+  if (size_ > 1) TESSERA_RETURN_IF_ERROR(ExchangeHeader(group, pos, what, deadline));
   auto group_work = std::make_unique<PgWork>(monitor_, pos, what, deadline);
   for (const Collective& op : ops) {
     const std::string op_what = describe(op);
@@ -241,6 +263,50 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
   // Wait() comes late, or never, still fails the communicator at its deadline, and later calls fail fast with it.
   TESSERA_RETURN_IF_ERROR(watchdog_->Watch(what, deadline, group_work->Start()));
   return std::unique_ptr<Work>(std::move(group_work));
+}
+
+absl::Status PgCommunicator::ExchangeHeader(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const Position& pos, const std::string& what,
+                                            absl::Duration deadline) {
+  // See [Note: a header before every gloo collective] in comm/desync.h.
+  const std::array<int64_t, 4> mine = DesyncMonitor::Header(pos);
+  at::Tensor header = at::empty({4}, at::kLong);
+  std::memcpy(header.data_ptr<int64_t>(), mine.data(), sizeof(mine));
+  const std::string header_what = "header exchange before " + what;
+  PgWork work(monitor_, pos, header_what, deadline);
+  try {
+    std::vector<at::Tensor> t{header};
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp::MAX;
+    o.timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(deadline));
+    work.Add(group->allreduce(t, o), at::Tensor(), 1);
+  } catch (const std::exception& e) {
+    return Break(FromException(e, header_what), group);
+  }
+  absl::Status watched = watchdog_->Watch(header_what, deadline, work.Start());
+  if (!watched.ok()) return Break(watched, group);
+  absl::Status waited = work.Wait();
+  if (!waited.ok()) return Break(waited, group);
+  std::array<int64_t, 4> reduced;
+  std::memcpy(reduced.data(), header.data_ptr<int64_t>(), sizeof(reduced));
+  absl::Status same = monitor_->CompareHeaders(pos, reduced, deadline);
+  if (!same.ok()) return Break(same, group);
+  return absl::OkStatus();
+}
+
+absl::Status PgCommunicator::Break(absl::Status status, const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
+  {
+    std::lock_guard<std::mutex> lock(broken_mu_);
+    if (broken_.ok()) {
+      broken_ = absl::Status(status.code(), absl::StrCat(status.message(), " [this communicator is unusable from "
+                                                         "now on: create the sharding again in a new job attempt]"));
+    }
+  }
+  // Never destroyed: ~ProcessGroupGloo would wait for a pending collective up to its timeout.
+  static std::mutex* leaked_mu = new std::mutex;
+  static auto* leaked = new std::vector<c10::intrusive_ptr<c10d::ProcessGroup>>;
+  std::lock_guard<std::mutex> lock(*leaked_mu);
+  if (std::find(leaked->begin(), leaked->end(), group) == leaked->end()) leaked->push_back(group);
+  return status;
 }
 
 absl::Status PgCommunicator::Barrier(absl::Duration timeout) {

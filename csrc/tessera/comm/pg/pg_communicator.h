@@ -16,9 +16,40 @@
 // Waits past a short first deadline compare positions with the other ranks through a store, so ranks out of step
 // fail at once with every rank's position (see [Note: comparing notes after the first deadline] in comm/desync.h).
 // c10d's Work::wait(timeout) throws on timeout without cancelling the collective, so waits run in slices.
+//
+// [Note: tessera's own group, and a header before every collective]
+// Two ways ranks fell out of step on a shared gloo group (issue 17, fault 8):
+//  (a) a user's collective (dist.barrier, dist.all_reduce on the group given to tessera.shard) on one rank while
+//      another runs a tessera collective: gloo pairs collectives of one group by issue order (its per-group tag),
+//      so the two paired with each other: a hang, silently mixed data, or an abort;
+//  (b) two ranks at different tessera collectives (an evaluation forward on one rank only): different sizes made
+//      gloo's transport thread throw EnforceNotMet ("Received data size doesn't match expected size") and abort the
+//      process with SIGABRT; the peer got a CommError.
+// The fixes, one per cause:
+//  - tessera's collectives run on a group of their own over the same ranks, made once per user group by
+//    python/tessera/shard/comm.py (a ProcessGroupGloo over a PrefixStore of the default store, not registered with
+//    torch.distributed, so user groups keep their names and only the group's own ranks take part, as HSDP needs).
+//    User collectives then never pair with tessera's; the user's group is kept (weakly) for its c10d sequence
+//    number, which tells when a peer is blocked in a collective of its own (see [Note: a peer blocked outside
+//    tessera] in comm/desync.h).
+//  - before each collective every rank all-reduces a fixed 32-byte header (sequence number and a hash of the
+//    signature and tag; see [Note: a header before every gloo collective] in comm/desync.h), and only then issues
+//    the collective. Mismatched collectives are never paired by gloo: every rank raises tessera.DesyncError.
+// Considered and not taken: checking positions through the store before each collective (the strict check: a few
+// store round trips per collective, and TCPStore serves every rank from one process), and issuing headers from a
+// background thread to keep Issue() non-blocking (gloo tags are taken at issue, so every rank's issue order across
+// threads would have to be fixed too). Issue() therefore blocks until every rank issued the same collective; the
+// data still moves asynchronously, overlapping compute as before. Cost, measured on 2 CPU gloo ranks on one host
+// (2 cores, benchmarks/... not committed; tests/python/shard/test_desync.py prints nothing): see
+// /work/notes/readme_desync.md, reproduced in README's desync section.
+// After a header mismatch, a header that never completed, or a desync, the communicator is broken for good: a
+// collective may still be pending in gloo (c10d cannot cancel one), and pairing anything after it would be wrong.
+// Such a group is kept alive until the process exits (never destroyed), since destroying it would wait for that
+// collective up to its timeout.
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
@@ -36,8 +67,11 @@ class PgCommunicator final : public Communicator {
   ~PgCommunicator() override;
   // With desync diagnosis through `desync.store` (InvalidArgument for bad options; the store's error if it cannot
   // be reached).
-  static absl::StatusOr<std::unique_ptr<PgCommunicator>> Create(c10::intrusive_ptr<c10d::ProcessGroup> group,
-                                                                DesyncOptions desync);
+  // `user_group` (optional): the group the user's own torch.distributed collectives run on, when `group` is
+  // tessera's own group over the same ranks (see [Note: tessera's own group, and a header before every collective]).
+  static absl::StatusOr<std::unique_ptr<PgCommunicator>> Create(
+      c10::intrusive_ptr<c10d::ProcessGroup> group, DesyncOptions desync,
+      c10::intrusive_ptr<c10d::ProcessGroup> user_group = c10::intrusive_ptr<c10d::ProcessGroup>());
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -51,12 +85,22 @@ class PgCommunicator final : public Communicator {
   absl::StatusOr<c10::intrusive_ptr<c10d::ProcessGroup>> group() const;
 
  private:
+  // All-reduces the header of the collective at `pos` and compares (see [Note: a header before every gloo
+  // collective]); on any failure the communicator is broken.
+  absl::Status ExchangeHeader(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const Position& pos,
+                              const std::string& what, absl::Duration deadline);
+  // Records `status` as the communicator's failure for every later call, keeps `group` alive until the process
+  // exits, and returns `status`.
+  absl::Status Break(absl::Status status, const c10::intrusive_ptr<c10d::ProcessGroup>& group);
+
   c10::weak_intrusive_ptr<c10d::ProcessGroup> group_;
   std::string name_;  // backend name, kept for messages after the group is gone
   int rank_;
   int size_;
   std::shared_ptr<DesyncMonitor> monitor_;  // never null; disabled without a store
   std::unique_ptr<Watchdog> watchdog_;       // every issued group's deadline (see [Note: the collective watchdog])
+  std::mutex broken_mu_;
+  absl::Status broken_;  // guarded by broken_mu_; see Break()
 };
 
 }  // namespace tessera::comm
