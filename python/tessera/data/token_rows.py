@@ -65,7 +65,8 @@ class TokenFileRows:
 
     def batch(self, indices: Sequence[int]) -> Batch:
         """Rows `indices` (list of ints in [0, len(self))) as a Batch of int64 tensors [len(indices), seq_len],
-        new arrays that share storage with nothing (np.stack copies). Raises InvalidArgumentError for an out-of-range index or an empty list."""
+        new arrays that share storage with nothing (np.stack copies).
+        Raises InvalidArgumentError for an out-of-range index or an empty list."""
         indices = list(indices)
         if not indices:
             raise InvalidArgumentError("TokenFileRows.batch: no row indices given")
