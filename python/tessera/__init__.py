@@ -10,7 +10,7 @@
 import torch  # noqa: F401  (loads libtorch before the C++ core that links it)
 
 from tessera import _C  # noqa: F401  (the C++ core; fails early if the build is missing)
-from tessera import checkpoint, optim
+from tessera import checkpoint, optim, process
 from tessera.errors import (
     CheckpointError,
     CommError,
@@ -52,6 +52,7 @@ __all__ = [
     "load_full_state_dict",
     "optim",
     "peft",
+    "process",
     "set_requires_gradient_sync",
     "set_step",
     "set_timeouts",

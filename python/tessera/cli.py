@@ -12,6 +12,7 @@
     tessera doctor [--device cpu|cuda] [--nproc N] [--quick] [...]   health checks of the ranks (tessera.doctor)
     tessera k8s RECIPE.yaml [key=value ...] --kind pytorchjob|jobset --image IMG --nodes N --nproc-per-node G [-o FILE]
                                                 a Kubeflow PyTorchJob or JobSet manifest (tessera.recipes.k8s)
+    tessera --version                           tessera's version, and torch's it runs with
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tessera.errors import InvalidArgumentError, TesseraError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tessera", description="tessera: sharded training for PyTorch")
+    parser.add_argument("--version", action="version", version=version_string())
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "train from a recipe (recipes/*.yaml) with key=value overrides"),
                             ("config", "print the resolved config of a recipe")):
@@ -33,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--nproc", type=int, help="ranks to start under torch's elastic launcher (default: "
                            "parallelism.world_size)")
             p.add_argument("--max-restarts", type=int, help="restart the group up to this many times after a rank "
-                           "dies or fails; each restart resumes from the newest valid checkpoint")
+                           "dies or fails in a way a restart can help (exit status 75, or a signal); each restart "
+                           "resumes from the newest valid checkpoint")
+            # Set by run_elastic for the ranks it starts: where each records why it failed (tessera.exitcodes).
+            p.add_argument("--cause-dir", help=argparse.SUPPRESS)
     p = sub.add_parser("fetch", help="download and convert a pretrained model; prints its directory (last line)")
     p.add_argument("name", nargs="?", help="model name (see --list)")
     p.add_argument("--list", action="store_true", help="list the models fetch knows")
@@ -75,13 +80,24 @@ def main(argv: list[str] | None = None) -> int:
                 raise InvalidArgumentError(f"--nproc must be > 0 and --max-restarts >= 0, got {ns.nproc} and "
                                            f"{ns.max_restarts}")
             return launch.run_elastic(cfg, ns.args, nproc=ns.nproc, max_restarts=ns.max_restarts or 0)
-        return launch.run(cfg)
+        return launch.run(cfg, cause_dir=ns.cause_dir)
     except TesseraError as e:
         from tessera import exitcodes
 
         print(f"tessera: error: {e}", file=sys.stderr)
         return exitcodes.for_exception(e)
     return 0
+
+
+def version_string() -> str:
+    """"tessera X (torch Y, Python Z)": what `tessera --version` prints."""
+    import platform
+
+    import torch
+
+    import tessera
+
+    return f"tessera {tessera.__version__} (torch {torch.__version__}, Python {platform.python_version()})"
 
 
 def _fetch(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:

@@ -112,3 +112,20 @@ def test_shard_is_both_the_package_and_the_function():
     assert tessera.shard.api.shard.__name__ == "shard"
     assert importlib.import_module("tessera.shard") is tessera.shard
     assert tessera.ShardingStrategy is tessera.shard.types.ShardingStrategy
+
+
+def test_import_tessera_brings_process_and_version():
+    # The README tells users to call tessera.process.end_spawned_rank() after `import tessera` alone; and
+    # `tessera --version` names tessera's and torch's versions. A fresh interpreter: here tessera.process may
+    # have been imported by other tests already.
+    code = ("import sys, tessera\n"
+            "assert 'tessera.process' in sys.modules, 'import tessera did not import tessera.process'\n"
+            "assert callable(tessera.process.end_spawned_rank)\n"
+            "from tessera.cli import main\n"
+            "sys.exit(main(['--version']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import torch
+
+    assert result.stdout.startswith(f"tessera {tessera.__version__} (torch {torch.__version__}, Python "), \
+        result.stdout

@@ -17,6 +17,8 @@ kinds and moments:
               fails with ENOSPC-like EFBIG on its data file
   corrupt     flips one byte in the middle of the largest data file of the newest committed checkpoint, then
               SIGKILL at `at` of step `step` (the restart must skip that checkpoint for the previous one)
+  raise       a Python exception (RuntimeError) raised in the training code of this rank at `at` (forward,
+              backward, optimizer) of step `step`: a deterministic error, which a restart cannot help
 
 Every fault is a real one: real signals, a real resource limit, a real damaged file. Before a fault fires, the rank
 appends {"attempt", "rank", "kind", "at", "step", "time"} (wall-clock seconds) to `<plan>.fired.jsonl`, and rank 0
@@ -40,7 +42,8 @@ from tessera.errors import InvalidArgumentError
 KINDS = {"kill": ("forward", "backward", "optimizer", "save", "load"),
          "stop": ("forward", "backward", "optimizer"),
          "full_disk": ("step",),
-         "corrupt": ("forward", "backward", "optimizer")}
+         "corrupt": ("forward", "backward", "optimizer"),
+         "raise": ("forward", "backward", "optimizer")}
 SAVE_POINTS = ("after_data", "after_index", "before_manifest", "after_manifest", "after_rename")
 RANK0_SAVE_POINTS = ("before_manifest", "after_manifest", "after_rename")  # only rank 0 commits (writer.h)
 
@@ -134,9 +137,12 @@ class FaultInjector:
     def at(self, moment: str) -> None:
         """Fires this step's faults planned at `moment` (forward, backward, optimizer)."""
         for f in self.faults:
-            if f.step != self.step or f.at != moment or f.kind not in ("kill", "stop", "corrupt"):
+            if f.step != self.step or f.at != moment or f.kind not in ("kill", "stop", "corrupt", "raise"):
                 continue
             self._record(f)
+            if f.kind == "raise":
+                raise RuntimeError(f"fault injection: a deterministic error on rank {self.rank} at {moment} of step "
+                                   f"{self.step}")
             if f.kind == "corrupt":
                 corrupt_newest(self.checkpoint_dir)
             os.kill(os.getpid(), signal.SIGSTOP if f.kind == "stop" else signal.SIGKILL)
