@@ -115,12 +115,15 @@ void BindComm(py::module_& m) {
 
   m.def("pg_communicator",
         [](const c10::intrusive_ptr<c10d::ProcessGroup>& group, py::object store, const std::string& key_prefix,
-           double first_deadline_s, bool strict, py::object user_group) -> std::shared_ptr<comm::Communicator> {
+           double first_deadline_s, bool strict, py::object user_group,
+           bool headers) -> std::shared_ptr<comm::Communicator> {
           if (store.is_none()) {
             if (strict) {
               ThrowIfError(absl::InvalidArgumentError("pg_communicator: strict=True needs store= (a c10d Store)"));
             }
-            return std::make_shared<comm::PgCommunicator>(group);
+            auto c = std::make_shared<comm::PgCommunicator>(group);
+            c->set_exchange_headers(headers);
+            return c;
           }
           comm::DesyncOptions desync;
           desync.store = std::make_shared<comm::C10dStore>(store.cast<c10::intrusive_ptr<c10d::Store>>());
@@ -131,18 +134,21 @@ void BindComm(py::module_& m) {
           if (!user_group.is_none()) user = user_group.cast<c10::intrusive_ptr<c10d::ProcessGroup>>();
           // Create() writes this rank's first note to the store: no GIL needed, none held.
           auto made = NoGil([&] { return comm::PgCommunicator::Create(group, std::move(desync), user); });
-          return std::shared_ptr<comm::Communicator>(ValueOrThrow(std::move(made)));
+          std::unique_ptr<comm::PgCommunicator> c = ValueOrThrow(std::move(made));
+          c->set_exchange_headers(headers);
+          return std::shared_ptr<comm::Communicator>(std::move(c));
         },
         py::arg("group"), py::arg("store") = py::none(), py::arg("key_prefix") = "",
         py::arg("first_deadline_s") = absl::ToDoubleSeconds(comm::kDefaultDesyncFirstDeadline),
-        py::arg("strict") = false, py::arg("user_group") = py::none(),
+        py::arg("strict") = false, py::arg("user_group") = py::none(), py::arg("headers") = true,
         "A tessera Communicator over a torch.distributed ProcessGroup (gloo for CPU ranks). Every collective is "
         "preceded by a 32-byte header all-reduce, so ranks at different collectives raise tessera.DesyncError "
         "instead of having gloo pair them. With `store` (a c10d Store every rank of the group reaches) and "
         "`key_prefix` (unique to this communicator, the same on every rank), a wait longer than `first_deadline_s` "
         "compares positions with the other ranks, and the error names every rank's position; `strict` compares "
         "every collective before it runs. `user_group`: when `group` is tessera's own group, the group the user's "
-        "own collectives run on (a peer blocked in one of those is then found within seconds). See "
+        "own collectives run on (a peer blocked in one of those is then found within seconds). `headers=False` only "
+        "measures what the header costs (benchmarks/desync_header.py). See "
         "csrc/tessera/comm/pg/pg_communicator.h and desync.h.");
 
   m.def("cuda_built", &kernels::CudaKernelsBuilt, "Whether this build has the CUDA kernels and NCCL backend.");

@@ -54,6 +54,24 @@ class PgWork final : public Work {
     return absl::OkStatus();
   }
 
+  // Waits on the c10d works themselves, in this thread, for up to `d`: true if all finished without error (the work
+  // is then done, and no waiter thread was started). false: not yet, or an error; Wait() then takes over. For the
+  // header (see ExchangeHeader), which usually finishes at once: a waiter thread costs more than the header itself.
+  bool FinishedWithin(absl::Duration d) {
+    if (done_ || waited_) return false;
+    const auto ms = std::chrono::milliseconds(std::max<int64_t>(1, absl::ToInt64Milliseconds(d)));
+    try {
+      for (const auto& work : works_) {
+        if (!work->wait(ms)) return false;
+      }
+    } catch (const std::exception&) {
+      return false;  // timed out (c10d throws; the work goes on), or failed: Wait() reports it
+    }
+    waited_ = true;
+    works_.clear();
+    return true;
+  }
+
  private:
   // Waits up to `d` for every work: true when all finished, false while one still runs, or its error.
   // [Note: waiting on c10d works in slices] Neither Work::wait(timeout) nor the work's future bounds every c10d
@@ -133,6 +151,9 @@ class PgWork final : public Work {
   std::shared_ptr<Completion> done_;  // shared with the future callbacks, which may outlive this work
 };
 
+// How long a header is waited for in the calling thread before the ordinary wait takes over (see ExchangeHeader).
+constexpr absl::Duration kHeaderFastWait = absl::Milliseconds(100);
+
 std::unique_ptr<DesyncMonitor> DisabledMonitor(int rank, int size) {
   auto m = DesyncMonitor::Create(rank, size, "pg", DesyncOptions{});
   TESSERA_CHECK(m.ok(), "default desync options rejected: ", m.status().ToString());
@@ -208,7 +229,7 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
   const std::string what =
       ops.size() == 1 ? describe(ops[0])
                       : absl::StrFormat("%s on %s [%s, #%d]", pos.signature, where, backend_name(), pos.seq);
-  if (size_ > 1) TESSERA_RETURN_IF_ERROR(ExchangeHeader(group, pos, what, deadline));
+  if (size_ > 1 && exchange_headers_) TESSERA_RETURN_IF_ERROR(ExchangeHeader(group, pos, what, deadline));
   auto group_work = std::make_unique<PgWork>(monitor_, pos, what, deadline);
   for (const Collective& op : ops) {
     const std::string op_what = describe(op);
@@ -277,15 +298,19 @@ absl::Status PgCommunicator::ExchangeHeader(const c10::intrusive_ptr<c10d::Proce
     std::vector<at::Tensor> t{header};
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::MAX;
-    o.timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(deadline));
+    // gloo's own bound a little past ours (the fast wait comes first): our deadline reports, naming positions.
+    o.timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(deadline + kHeaderFastWait + absl::Seconds(1)));
     work.Add(group->allreduce(t, o), at::Tensor(), 1);
   } catch (const std::exception& e) {
     return Break(FromException(e, header_what), group);
   }
-  absl::Status watched = watchdog_->Watch(header_what, deadline, work.Start());
-  if (!watched.ok()) return Break(watched, group);
-  absl::Status waited = work.Wait();
-  if (!waited.ok()) return Break(waited, group);
+  // Ranks in step meet within a round trip; only a late peer needs the waiter thread, the watchdog and the notes.
+  if (!work.FinishedWithin(std::min(kHeaderFastWait, deadline))) {
+    absl::Status watched = watchdog_->Watch(header_what, deadline, work.Start());
+    if (!watched.ok()) return Break(watched, group);
+    absl::Status waited = work.Wait();
+    if (!waited.ok()) return Break(waited, group);
+  }
   std::array<int64_t, 4> reduced;
   std::memcpy(reduced.data(), header.data_ptr<int64_t>(), sizeof(reduced));
   absl::Status same = monitor_->CompareHeaders(pos, reduced, deadline);

@@ -81,6 +81,10 @@ class PgCommunicator final : public Communicator {
                                               const CollectiveOptions& options) override;
   absl::Status Barrier(absl::Duration timeout) override;
 
+  // Whether a header exchange precedes every collective (default true). false only to measure what it costs
+  // (benchmarks/desync_header.py): ranks out of step can then have gloo pair mismatched collectives and abort.
+  void set_exchange_headers(bool on) { exchange_headers_ = on; }
+
   // The group, or FailedPrecondition if torch.distributed has destroyed it.
   absl::StatusOr<c10::intrusive_ptr<c10d::ProcessGroup>> group() const;
 
@@ -99,6 +103,7 @@ class PgCommunicator final : public Communicator {
   int size_;
   std::shared_ptr<DesyncMonitor> monitor_;  // never null; disabled without a store
   std::unique_ptr<Watchdog> watchdog_;       // every issued group's deadline (see [Note: the collective watchdog])
+  bool exchange_headers_ = true;
   std::mutex broken_mu_;
   absl::Status broken_;  // guarded by broken_mu_; see Break()
 };
