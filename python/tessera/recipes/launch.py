@@ -13,6 +13,7 @@ reduction) and the CPU otherwise (gloo, fp32)."""
 from __future__ import annotations
 
 import datetime
+import json
 import multiprocessing.connection
 import os
 import signal
@@ -118,6 +119,7 @@ def _rank_main(rank: int, world: int, device_type: str, init_file: str | None, c
     except BaseException as e:
         # Before the group closes, which is what makes the peers fail: see [Note: the root cause decides the job's
         # status] in tessera/exitcodes.py.
+        _share_first_failure(store, rank, e)
         process.record_cause(exit_status(e), e)
         raise
     finally:
@@ -125,6 +127,39 @@ def _rank_main(rank: int, world: int, device_type: str, init_file: str | None, c
             beat.stop(finished=finished)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# How long a failing rank waits for the store when it shares its failure (the store may be gone with its host).
+_FIRST_FAILURE_TIMEOUT_S = 2.0
+_FIRST_FAILURE_KEY = "tessera/first_failure"
+
+
+def _share_first_failure(store, rank: int, e: BaseException) -> None:
+    """[Note: every rank reports the root cause's status] Launchers that tessera does not control take the job's
+    status from the ranks' own: srun the highest of them, torchrun the first it sees. So a rank that fails puts its
+    failure in the group's store under one key, first writer wins (compare_set), before it closes its
+    communicators; a rank whose own failure is restartable (a lost peer, 75) and that finds there another rank's
+    failure that a restart cannot help (a deterministic error, 1) was failing because of it, and takes its status
+    (set as `e.exit_status`, which exitcodes.for_exception honours). The store is per attempt ([Note: one store
+    prefix per restart]); one that does not answer within _FIRST_FAILURE_TIMEOUT_S (its host is gone) leaves the
+    rank's own status."""
+    if store is None or process.interrupted() or isinstance(e, KeyboardInterrupt):
+        return
+    status = exitcodes.for_exception(e)
+    text = f"{type(e).__name__}: {e}".splitlines()[0][:2000]
+    try:
+        store.set_timeout(datetime.timedelta(seconds=_FIRST_FAILURE_TIMEOUT_S))
+        first = json.loads(store.compare_set(_FIRST_FAILURE_KEY, "", json.dumps(
+            {"rank": rank, "status": status, "error": text})))
+    except Exception:  # noqa: BLE001 - the store is gone: this rank keeps its own status
+        return
+    if first.get("rank") != rank and exitcodes.restartable(status) and not exitcodes.restartable(first["status"]):
+        print(f"tessera: rank {rank} takes exit status {first['status']} from the root cause: rank {first['rank']} "
+              f"failed first ({first.get('error', '')})", file=sys.stderr, flush=True)
+        try:
+            e.exit_status = first["status"]
+        except AttributeError:
+            pass
 
 
 def exit_status(e: BaseException) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,10 @@ def test_deterministic_error_on_one_rank_exits_1_and_is_not_restarted(tmp_path):
     assert [f["attempt"] for f in fired if f.get("kind") == "raise"] == [0], (fired, res.stderr[-3000:])
     assert "rank 1 failed with exit status 1" in res.stderr and "a restart cannot help" in res.stderr, \
         res.stderr[-3000:]
+    # Every rank's own report says 1 too (srun takes the highest task status, torchrun the first it sees); rank 0's
+    # is there unless the agent stopped it first.
+    reports = re.findall(r"rank (\d)(?:, exit status| failed \(exit status) (\d+)\)", res.stderr)
+    assert ("1", "1") in reports and all(status == "1" for _, status in reports), (reports, res.stderr[-3000:])
 
 
 def test_ctrl_c_stops_every_rank_within_seconds_with_130(tmp_path):
