@@ -25,7 +25,9 @@ rank's report (job_status): the rank whose cause was written first is the root c
 from outside (it could write nothing: a lost peer). The job has the root cause's status, and the launcher restarts
 it (--max-restarts) only if that status is restartable: a deterministic error (1, 2, 3) on one rank is not restarted,
 whatever the errors its peers met after it. Causes are files in a directory the launcher makes (one per attempt),
-written by the ranks on its node.
+written by the ranks on its node. For launchers that read only the ranks' statuses (srun, torchrun), the ranks also
+agree through the group's store: a rank that lost its peer to a deterministic error exits with that error's status
+(see [Note: every rank reports the root cause's status] in tessera/recipes/launch.py).
 """
 
 from __future__ import annotations
