@@ -160,6 +160,30 @@ def test_ctrl_c_stops_every_rank_within_seconds_with_130(tmp_path):
     assert _C.read_latest(str(ckpts)) in committed
 
 
+def test_sigint_ends_a_rank_blocked_in_a_c_call_with_130(tmp_path):
+    # A rank's main thread blocked in C++ with the GIL released (here a c10d store wait, as in a collective) never
+    # sees KeyboardInterrupt before its timeout (60 s here); tessera.process.exit_on_interrupt ends it with 130.
+    code = ("import datetime, sys, torch.distributed as dist, tessera\n"
+            "assert tessera.process.exit_on_interrupt(grace_s=0.5)\n"
+            "store = dist.FileStore(sys.argv[1], 1)\n"
+            "store.set_timeout(datetime.timedelta(seconds=60))\n"
+            "print('ready', flush=True)\n"
+            "store.wait(['never'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "store")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n", proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == exitcodes.INTERRUPTED and time.monotonic() - t0 < 10, (proc.returncode, stderr)
+    assert "interrupted (SIGINT)" in stderr, stderr
+
+
 def _rank_pids(launcher: int) -> list[int]:
     """Worker processes (python -m tessera run) below the launcher process."""
     pids, frontier = [], [launcher]
