@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def version_string() -> str:
-    """"tessera X (torch Y, Python Z)": what `tessera --version` prints."""
+    """What `tessera --version` prints: "tessera X (torch Y, Python Z)"."""
     import platform
 
     import torch
