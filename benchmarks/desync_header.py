@@ -64,14 +64,16 @@ def worker(rank, world, init_file, args, out_file):
     sizes = [4, 64 * 1024, 4 * 1024 * 1024]  # float32 elements per rank
     lat = {(k, n): [] for k in comms for n in sizes}
     cfg = LlamaConfig.tiny()
+    cfg.max_seq_len = max(cfg.max_seq_len, args.seq)
     models = {}
     for k, (_, group) in comms.items():
         torch.manual_seed(0)
         m = Llama(cfg)
         parallelize(m, group=group)
+        n_units = len(m.layers) + 1
         models[k] = (m, tessera.optim.AdamW(m.parameters(), lr=1e-4))
     g = torch.Generator().manual_seed(100 + rank)
-    batches = [torch.randint(0, cfg.vocab_size, (2, 129), generator=g) for _ in range(4)]
+    batches = [torch.randint(0, cfg.vocab_size, (2, args.seq + 1), generator=g) for _ in range(4)]
     steps = {k: [] for k in comms}
     losses = {k: [] for k in comms}
     for _ in range(args.rounds):
@@ -111,7 +113,8 @@ def worker(rank, world, init_file, args, out_file):
         a, b = step_w["headers"], step_w["no headers"]
         lines += [
             "",
-            f"tiny Llama step (tessera.models.llama tiny, batch 2 x seq 128, AdamW): {a * 1e3:.1f} ms with headers, "
+            f"tiny Llama step (tessera.models.llama tiny, {n_units} units, batch 2 x seq {args.seq}, AdamW): "
+            f"{a * 1e3:.1f} ms with headers, "
             f"{b * 1e3:.1f} ms without ({(a / b - 1) * 100:+.1f}%); losses equal: "
             f"{losses['headers'] == losses['no headers']}",
         ]
@@ -129,6 +132,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--out", default=None, help="also append the table to this markdown file")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -137,7 +141,8 @@ def main():
                            start_method="spawn")
         if args.out:
             with open(args.out, "a") as f, open(out_file) as r:
-                f.write(f"\n## Run (command: `python benchmarks/desync_header.py --rounds {args.rounds}`)\n\n")
+                f.write(f"\n## Run (command: `python benchmarks/desync_header.py --rounds {args.rounds} --seq {args.seq}`)"
+                        "\n\n")
                 f.write(r.read())
 
 

@@ -191,22 +191,28 @@ std::optional<DesyncMonitor::Answer> DesyncMonitor::DecodeAnswer(const std::opti
   return a;
 }
 
-std::array<int64_t, 4> DesyncMonitor::Header(const Position& pos) {
+std::array<int64_t, 2> DesyncMonitor::Header(const Position& pos) {
   const std::string text = absl::StrCat(pos.signature, "\n", pos.tag);
-  // 62 bits: the negation stays in range and the MAX all-reduce of {h, -h} yields max and -min exactly.
-  const int64_t h = static_cast<int64_t>(XXH3_64bits(text.data(), text.size()) >> 2);
-  return {pos.seq, -pos.seq, h, -h};
+  return {pos.seq, static_cast<int64_t>(XXH3_64bits(text.data(), text.size()))};
 }
 
-absl::Status DesyncMonitor::CompareHeaders(const Position& pos, const std::array<int64_t, 4>& reduced,
+absl::Status DesyncMonitor::CompareHeaders(const Position& pos, absl::Span<const int64_t> gathered,
                                            absl::Duration timeout) {
-  const std::array<int64_t, 4> mine = Header(pos);
-  if (reduced == mine) return absl::OkStatus();  // max == min == this rank's, for the seq and the hash
+  const std::array<int64_t, 2> mine = Header(pos);
+  std::vector<int> differ;
+  for (int r = 0; r < size_; ++r) {
+    if (2 * r + 1 >= static_cast<int>(gathered.size()) || gathered[2 * r] != mine[0] ||
+        gathered[2 * r + 1] != mine[1]) {
+      differ.push_back(r);
+    }
+  }
+  if (differ.empty()) return absl::OkStatus();
   const std::string found_by = absl::StrFormat(
       "found by the header exchange before collective #%d, before any of its data moved", pos.seq);
   if (!enabled()) {
-    return Desync(absl::StrFormat("rank %d is at %s; another rank is at a different collective (pass a store to "
-                                  "name every rank's position)", rank_, pos.Describe()), found_by);
+    return Desync(absl::StrFormat("rank %d is at %s; rank(s) %s at a different collective (pass a store to name "
+                                  "every rank's position)", rank_, pos.Describe(), absl::StrJoin(differ, ", ")),
+                  found_by);
   }
   // Every rank saw the same reduced header, so every rank is here too: exchange positions through the store.
   auto key = [&](int r) { return absl::StrFormat("%s/at/%d/%d", options_.key_prefix, pos.seq, r); };

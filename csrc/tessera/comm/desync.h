@@ -18,6 +18,11 @@
 // its note being rewritten is never taken for a desync. At the timeout the DeadlineExceeded message says where
 // the other ranks were, which already tells a hang from a slow rank.
 //
+// On the pg backend two ranks at different tessera collectives are stopped before the collective by the header
+// exchange (see [Note: a header before every gloo collective] below), so there the notes matter for waits on
+// something else: a rank that never arrives (computing, hung, or blocked outside tessera: see [Note: a peer blocked
+// outside tessera]).
+//
 // The strict check (opt-in, TESSERA_DESYNC_CHECK=1) catches a mismatch at the first diverging collective, before
 // any data is exchanged: before each collective every rank writes its position under <prefix>/fp/<seq>/<rank>,
 // waits for every rank's, and compares. It costs a few store round trips per collective, so it is for debugging.
@@ -42,18 +47,18 @@
 //     not called stuck. Then every rank's position is reported as a desync: "rank 1 is not in a tessera collective:
 //     ...". Without that evidence (a computing peer issues nothing on the user's group) the wait goes on, and the
 //     timeout still says where every rank was.
-// Idle cost: one store read per answer_interval (1 s) per communicator per rank; a write per answer only while some
-// rank asks.
+// Idle cost: one store read (one or two round trips) per answer_interval (1 s) per communicator per rank; a write
+// per answer only while some rank asks.
 //
 // [Note: a header before every gloo collective]
 // Two ranks at different collectives of tessera's own group would have gloo pair them by issue order: different
 // sizes make gloo's transport thread throw (gloo::EnforceNotMet "Received data size doesn't match expected size"),
 // which aborts the process; equal sizes silently mix unrelated data. So the pg backend exchanges a fixed-size header
-// before every collective (Header(): the sequence number and a hash of the signature and tag, with their negations,
-// all-reduced with MAX: 32 bytes, whatever the world size) and issues the collective only if every rank's header was
-// the same. Every rank sees the same reduced header, so a mismatch raises Aborted (tessera.DesyncError) on every
+// before every collective (Header(): the sequence number and a hash of the signature and tag, 16 bytes per rank,
+// all-gathered: gloo's all-gather of a few bytes took 0.1-0.3 ms on the dev VM where its all-reduce took 1.2-1.7 ms)
+// and issues the collective only if every rank's header was the same. Every rank sees the same reduced header, so a mismatch raises Aborted (tessera.DesyncError) on every
 // rank at the same collective, naming every rank's position (exchanged through the store), and no data moves.
-// The header wait goes through Await (deadline, notes) like any wait. Costs are measured in pg_communicator.h.
+// The header wait goes through Await (deadline, notes) like any long wait; its cost: see pg_communicator.h.
 #pragma once
 
 #include <array>
@@ -161,12 +166,12 @@ class DesyncMonitor {
   // The position of the next collective group issued (takes its sequence number).
   Position Next(absl::Span<const Collective> ops, const std::string& tag);
 
-  // The fixed-size header every rank all-reduces with MAX before the collective at `pos` (see [Note: a header
-  // before every gloo collective]): {seq, -seq, hash, -hash}.
-  static std::array<int64_t, 4> Header(const Position& pos);
-  // OK if `reduced` (the MAX all-reduce of every rank's Header()) says every rank is at `pos`; otherwise Aborted on
-  // every rank, naming every rank's position (read through the store within `timeout`, when there is one).
-  absl::Status CompareHeaders(const Position& pos, const std::array<int64_t, 4>& reduced, absl::Duration timeout);
+  // The fixed-size header every rank all-gathers before the collective at `pos` (see [Note: a header before every
+  // gloo collective]): {seq, hash of the signature and tag}.
+  static std::array<int64_t, 2> Header(const Position& pos);
+  // OK if `gathered` (every rank's Header(), rank-major) says every rank is at `pos`; otherwise Aborted on every
+  // rank, naming every rank's position (read through the store within `timeout`, when there is one).
+  absl::Status CompareHeaders(const Position& pos, absl::Span<const int64_t> gathered, absl::Duration timeout);
 
   // Strict mode: OK once every rank reached `pos` at the same seq; Aborted naming every rank's position if any
   // differs; DeadlineExceeded if some rank does not reach seq within `timeout`. OK at once when not strict.

@@ -142,7 +142,7 @@ void BindComm(py::module_& m) {
         py::arg("first_deadline_s") = absl::ToDoubleSeconds(comm::kDefaultDesyncFirstDeadline),
         py::arg("strict") = false, py::arg("user_group") = py::none(), py::arg("headers") = true,
         "A tessera Communicator over a torch.distributed ProcessGroup (gloo for CPU ranks). Every collective is "
-        "preceded by a 32-byte header all-reduce, so ranks at different collectives raise tessera.DesyncError "
+        "preceded by a 16-byte header all-gather, so ranks at different collectives raise tessera.DesyncError "
         "instead of having gloo pair them. With `store` (a c10d Store every rank of the group reaches) and "
         "`key_prefix` (unique to this communicator, the same on every rank), a wait longer than `first_deadline_s` "
         "compares positions with the other ranks, and the error names every rank's position; `strict` compares "

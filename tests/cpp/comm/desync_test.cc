@@ -227,11 +227,13 @@ TEST(DesyncTest, HeadersOfDifferentCollectivesAbortEveryRankNamingEveryPosition)
   const Collective gather = Op(CollectiveKind::kAllGather, 4);
   std::vector<Position> pos = {monitors[0]->Next({&gather, 1}, "forward all-gather of unit 'layers.0'"),
                                monitors[1]->Next({&gather, 1}, "backward all-gather of unit 'layers.0'")};
-  // Same signature, different tag: still out of step. The MAX all-reduce of the two headers:
-  std::array<int64_t, 4> reduced = DesyncMonitor::Header(pos[0]);
-  const std::array<int64_t, 4> other = DesyncMonitor::Header(pos[1]);
-  for (int i = 0; i < 4; ++i) reduced[i] = std::max(reduced[i], other[i]);
-  auto statuses = OnRanks(2, [&](int r) { return monitors[r]->CompareHeaders(pos[r], reduced, absl::Seconds(10)); });
+  // Same signature, different tag: still out of step. The all-gather of the two headers:
+  std::vector<int64_t> gathered;
+  for (const Position& p : pos) {
+    const std::array<int64_t, 2> h = DesyncMonitor::Header(p);
+    gathered.insert(gathered.end(), h.begin(), h.end());
+  }
+  auto statuses = OnRanks(2, [&](int r) { return monitors[r]->CompareHeaders(pos[r], gathered, absl::Seconds(10)); });
   for (int r = 0; r < 2; ++r) {
     SCOPED_TRACE(r);
     EXPECT_EQ(statuses[r].code(), absl::StatusCode::kAborted) << statuses[r];
@@ -244,7 +246,9 @@ TEST(DesyncTest, HeadersOfDifferentCollectivesAbortEveryRankNamingEveryPosition)
   }
   // Equal headers pass; so do headers of equal positions on every rank.
   const Position next = monitors[0]->Next({&gather, 1}, "t");
-  EXPECT_EQ(monitors[0]->CompareHeaders(next, DesyncMonitor::Header(next), absl::Seconds(1)), absl::OkStatus());
+  const std::array<int64_t, 2> h = DesyncMonitor::Header(next);
+  const std::vector<int64_t> same = {h[0], h[1], h[0], h[1]};
+  EXPECT_EQ(monitors[0]->CompareHeaders(next, same, absl::Seconds(1)), absl::OkStatus());
   EXPECT_NE(DesyncMonitor::Header(next), DesyncMonitor::Header(Position{next.seq + 1, next.signature, next.tag}));
 }
 

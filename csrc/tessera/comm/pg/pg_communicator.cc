@@ -289,18 +289,17 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
 absl::Status PgCommunicator::ExchangeHeader(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const Position& pos, const std::string& what,
                                             absl::Duration deadline) {
   // See [Note: a header before every gloo collective] in comm/desync.h.
-  const std::array<int64_t, 4> mine = DesyncMonitor::Header(pos);
-  at::Tensor header = at::empty({4}, at::kLong);
+  const std::array<int64_t, 2> mine = DesyncMonitor::Header(pos);
+  at::Tensor header = at::empty({2}, at::kLong);
   std::memcpy(header.data_ptr<int64_t>(), mine.data(), sizeof(mine));
+  at::Tensor gathered = at::empty({2 * size_}, at::kLong);
   const std::string header_what = "header exchange before " + what;
   PgWork work(monitor_, pos, header_what, deadline);
   try {
-    std::vector<at::Tensor> t{header};
-    c10d::AllreduceOptions o;
-    o.reduceOp = c10d::ReduceOp::MAX;
+    c10d::AllgatherOptions o;
     // gloo's own bound a little past ours (the fast wait comes first): our deadline reports, naming positions.
     o.timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(deadline + kHeaderFastWait + absl::Seconds(1)));
-    work.Add(group->allreduce(t, o), at::Tensor(), 1);
+    work.Add(group->_allgather_base(gathered, header, o), at::Tensor(), 1);
   } catch (const std::exception& e) {
     return Break(FromException(e, header_what), group);
   }
@@ -311,9 +310,8 @@ absl::Status PgCommunicator::ExchangeHeader(const c10::intrusive_ptr<c10d::Proce
     absl::Status waited = work.Wait();
     if (!waited.ok()) return Break(waited, group);
   }
-  std::array<int64_t, 4> reduced;
-  std::memcpy(reduced.data(), header.data_ptr<int64_t>(), sizeof(reduced));
-  absl::Status same = monitor_->CompareHeaders(pos, reduced, deadline);
+  absl::Status same = monitor_->CompareHeaders(
+      pos, absl::MakeConstSpan(gathered.data_ptr<int64_t>(), static_cast<size_t>(2 * size_)), deadline);
   if (!same.ok()) return Break(same, group);
   return absl::OkStatus();
 }

@@ -32,16 +32,17 @@
 //    User collectives then never pair with tessera's; the user's group is kept (weakly) for its c10d sequence
 //    number, which tells when a peer is blocked in a collective of its own (see [Note: a peer blocked outside
 //    tessera] in comm/desync.h).
-//  - before each collective every rank all-reduces a fixed 32-byte header (sequence number and a hash of the
+//  - before each collective every rank all-gathers a fixed 16-byte header (sequence number and a hash of the
 //    signature and tag; see [Note: a header before every gloo collective] in comm/desync.h), and only then issues
 //    the collective. Mismatched collectives are never paired by gloo: every rank raises tessera.DesyncError.
 // Considered and not taken: checking positions through the store before each collective (the strict check: a few
 // store round trips per collective, and TCPStore serves every rank from one process), and issuing headers from a
 // background thread to keep Issue() non-blocking (gloo tags are taken at issue, so every rank's issue order across
-// threads would have to be fixed too). Issue() therefore blocks until every rank issued the same collective; the
-// data still moves asynchronously, overlapping compute as before. Cost, measured on 2 CPU gloo ranks on one host
-// (2 cores, benchmarks/... not committed; tests/python/shard/test_desync.py prints nothing): see
-// /work/notes/readme_desync.md, reproduced in README's desync section.
+// threads would have to be fixed too). Issue() therefore blocks until every rank issued the same collective (the
+// header is waited for in the calling thread first: ranks in step meet within a round trip); the data still moves
+// asynchronously, overlapping compute as before. Cost: one small all-gather round trip per collective, CPU gloo
+// only (NCCL is untouched); benchmarks/desync_header.py measures it with and without headers in one run
+// (benchmarks/results/desync_header_cpu2rank_devvm_202612.md).
 // After a header mismatch, a header that never completed, or a desync, the communicator is broken for good: a
 // collective may still be pending in gloo (c10d cannot cancel one), and pairing anything after it would be wrong.
 // Such a group is kept alive until the process exits (never destroyed), since destroying it would wait for that
