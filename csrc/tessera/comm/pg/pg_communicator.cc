@@ -5,6 +5,8 @@
 #include <chrono>
 #include <cstring>
 #include <condition_variable>
+#include <deque>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <exception>
@@ -26,133 +28,228 @@ absl::Status FromException(const std::exception& e, const std::string& what) {
   return timeout ? absl::DeadlineExceededError(text) : absl::UnavailableError(text);
 }
 
-// One issued group: the c10d works of its collectives, awaited together through the desync monitor.
+// How one issued group ends: set once by the issuer thread (an error before its collectives were issued) or by its
+// waiter thread (when every c10d work finished, or failed).
+struct Completion {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool finished = false;  // guarded by mu
+  absl::Status status;    // guarded by mu
+
+  void Finish(absl::Status s) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      finished = true;
+      status = std::move(s);
+    }
+    cv.notify_all();
+  }
+  // true when finished, false while running, or the error.
+  absl::StatusOr<bool> Poll() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!finished) return false;
+    if (!status.ok()) return status;
+    return true;
+  }
+};
+
+// Waits for every work of a group on a thread of its own, then finishes `done` (see [Note: waiting on c10d works
+// in slices]). The thread owns what it touches, so it may outlive the group's Work.
+void StartWaiter(std::vector<c10::intrusive_ptr<c10d::Work>> works, std::shared_ptr<Completion> done,
+                 std::string what) {
+  std::thread([works = std::move(works), done = std::move(done), what = std::move(what)] {
+    absl::Status status;
+    for (const auto& work : works) {
+      try {
+        work->wait();
+      } catch (const std::exception& e) {
+        if (status.ok()) status = FromException(e, what);
+      } catch (...) {
+        if (status.ok()) status = absl::UnknownError(absl::StrFormat("%s failed with a non-standard exception", what));
+      }
+    }
+    done->Finish(status);
+  }).detach();
+}
+
+// One issued group, awaited through the desync monitor.
+// [Note: waiting on c10d works in slices] Neither Work::wait(timeout) nor the work's future bounds every c10d
+// work: gloo's reduce-scatter blocked for its whole collective timeout under wait(2 s), and its future did not
+// complete before wait() was called. So one waiter thread per group calls the plain wait() (bounded by the
+// collective timeout c10d enforces itself) and the slices wait on its flag.
+// Works on CUDA tensors would synchronize the waiter's stream, not the caller's: the adapter is for CPU groups
+// (CUDA parameters use tessera's NCCL communicator).
 class PgWork final : public Work {
  public:
-  PgWork(std::shared_ptr<DesyncMonitor> monitor, Position pos, std::string what, absl::Duration timeout)
-      : monitor_(std::move(monitor)), pos_(std::move(pos)), what_(std::move(what)), timeout_(timeout) {}
+  PgWork(std::shared_ptr<DesyncMonitor> monitor, Position pos, std::string what, absl::Duration timeout,
+         std::shared_ptr<Completion> done, std::function<void(const absl::Status&)> on_failure)
+      : monitor_(std::move(monitor)), pos_(std::move(pos)), what_(std::move(what)), timeout_(timeout),
+        done_(std::move(done)), on_failure_(std::move(on_failure)) {}
 
-  // `divide_out` (if defined) is divided by `divisor` once the work finished: c10d gloo has no AVG.
-  void Add(c10::intrusive_ptr<c10d::Work> work, at::Tensor divide_out, int64_t divisor) {
-    works_.push_back(std::move(work));
-    divides_.emplace_back(std::move(divide_out), divisor);
-  }
+  // `out` is divided by `divisor` once the work finished: c10d gloo has no AVG.
+  void DivideAfter(at::Tensor out, int64_t divisor) { divides_.emplace_back(std::move(out), divisor); }
 
   absl::Status Wait() override {
     if (waited_) return absl::FailedPreconditionError(absl::StrFormat("%s: Wait() called twice", what_));
     waited_ = true;
-    absl::Status status = monitor_->Await(pos_, what_, timeout_, [this](absl::Duration d) { return WaitSlice(d); });
-    // On success every work is done; on a timeout or desync the collective stays in c10d's hands (it cannot be
-    // cancelled) and the group is unusable, as after any collective timeout.
-    works_.clear();
-    done_.reset();
-    if (!status.ok()) return status;
-    for (auto& [out, divisor] : divides_) {
-      if (out.defined()) out.div_(divisor);
+    absl::Status status = monitor_->Await(pos_, what_, timeout_, [this](absl::Duration d) -> absl::StatusOr<bool> {
+      std::unique_lock<std::mutex> lock(done_->mu);
+      if (!done_->cv.wait_for(lock, absl::ToChronoNanoseconds(d), [&] { return done_->finished; })) return false;
+      if (!done_->status.ok()) return done_->status;
+      return true;
+    });
+    if (!status.ok()) {
+      // The collective may stay in c10d's hands (it cannot be cancelled): nothing may be paired after it.
+      on_failure_(status);
+      return status;
     }
+    for (auto& [out, divisor] : divides_) out.div_(divisor);
     divides_.clear();
     return absl::OkStatus();
   }
 
-  // Waits on the c10d works themselves, in this thread, for up to `d`: true if all finished without error (the work
-  // is then done, and no waiter thread was started). false: not yet, or an error; Wait() then takes over. For the
-  // header (see ExchangeHeader), which usually finishes at once: a waiter thread costs more than the header itself.
-  bool FinishedWithin(absl::Duration d) {
-    if (done_ || waited_) return false;
-    const auto ms = std::chrono::milliseconds(std::max<int64_t>(1, absl::ToInt64Milliseconds(d)));
-    try {
-      for (const auto& work : works_) {
-        if (!work->wait(ms)) return false;
-      }
-    } catch (const std::exception&) {
-      return false;  // timed out (c10d throws; the work goes on), or failed: Wait() reports it
-    }
-    waited_ = true;
-    works_.clear();
-    return true;
-  }
-
  private:
-  // Waits up to `d` for every work: true when all finished, false while one still runs, or its error.
-  // [Note: waiting on c10d works in slices] Neither Work::wait(timeout) nor the work's future bounds every c10d
-  // work: gloo's reduce-scatter blocked for its whole collective timeout under wait(2 s), and its future did not
-  // complete before wait() was called. So one waiter thread per group calls the plain wait() (bounded by the
-  // collective timeout c10d enforces itself) and the slices wait on its flag. The thread owns what it touches,
-  // so it may outlive this work (after a desync or a timeout the collective cannot be cancelled).
-  // Works on CUDA tensors would synchronize the waiter's stream, not the caller's: the adapter is for CPU groups
-  // (CUDA parameters use tessera's NCCL communicator).
-  absl::StatusOr<bool> WaitSlice(absl::Duration d) {
-    if (!done_) (void)Start();
-    std::unique_lock<std::mutex> lock(done_->mu);
-    if (!done_->cv.wait_for(lock, absl::ToChronoNanoseconds(d), [&] { return done_->finished; })) return false;
-    return Outcome(*done_, what_);
-  }
-
- public:
-  // Starts the waiter thread (see [Note: waiting on c10d works in slices]) once every work was added; returns the
-  // watchdog's poll of its completion.
-  Watchdog::Poll Start() {
-    if (!done_) {
-      done_ = std::make_shared<Completion>();
-      std::thread([done = done_, works = works_] {
-        std::exception_ptr error;
-        for (const auto& work : works) {
-          try {
-            work->wait();
-          } catch (...) {
-            if (!error) error = std::current_exception();
-          }
-        }
-        {
-          std::lock_guard<std::mutex> lock(done->mu);
-          done->finished = true;
-          done->error = error;
-        }
-        done->cv.notify_all();
-      }).detach();
-    }
-    return [done = done_, what = what_]() -> absl::StatusOr<bool> {
-      std::lock_guard<std::mutex> lock(done->mu);
-      if (!done->finished) return false;
-      return Outcome(*done, what);
-    };
-  }
-
- private:
-  struct Completion;
-  // A finished completion: true, or its error as a Status. Requires done.mu (or a finished, unshared completion).
-  static absl::StatusOr<bool> Outcome(const Completion& done, const std::string& what) {
-    if (done.error) {
-      try {
-        std::rethrow_exception(done.error);
-      } catch (const std::exception& e) {
-        return FromException(e, what);
-      } catch (...) {
-        return absl::UnknownError(absl::StrFormat("%s failed with a non-standard exception", what));
-      }
-    }
-    return true;
-  }
-
-  struct Completion {
-    std::mutex mu;
-    std::condition_variable cv;
-    bool finished = false;  // guarded by mu
-    std::exception_ptr error;
-  };
-
   std::shared_ptr<DesyncMonitor> monitor_;
   Position pos_;
   std::string what_;
   absl::Duration timeout_;
-  std::vector<c10::intrusive_ptr<c10d::Work>> works_;
+  std::shared_ptr<Completion> done_;
+  std::function<void(const absl::Status&)> on_failure_;
   std::vector<std::pair<at::Tensor, int64_t>> divides_;
   bool waited_ = false;
-  std::shared_ptr<Completion> done_;  // shared with the future callbacks, which may outlive this work
 };
 
-// How long a header is waited for in the calling thread before the ordinary wait takes over (see ExchangeHeader).
-constexpr absl::Duration kHeaderFastWait = absl::Milliseconds(100);
+// One collective of a group, as the issuer thread issues it.
+struct PendingOp {
+  CollectiveKind kind;
+  at::Tensor in, out;
+  int root = 0;
+  std::string what;
+};
+
+// gloo's own bound on a header: a little past ours, so that our deadline reports first, naming positions.
+constexpr absl::Duration kHeaderMargin = absl::Seconds(1);
+
+}  // namespace
+
+void PgIssuer::Break(const absl::Status& status, const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (broken.ok()) {
+      broken = absl::Status(status.code(), absl::StrCat(status.message(), " [this communicator is unusable from now "
+                                                        "on: create the sharding again in a new job attempt]"));
+    }
+  }
+  // Never destroyed: ~ProcessGroupGloo would wait for a pending collective up to its timeout.
+  static std::mutex* leaked_mu = new std::mutex;
+  static auto* leaked = new std::vector<c10::intrusive_ptr<c10d::ProcessGroup>>;
+  std::lock_guard<std::mutex> lock(*leaked_mu);
+  if (std::find(leaked->begin(), leaked->end(), group) == leaked->end()) leaked->push_back(group);
+}
+
+absl::Status PgIssuer::Broken() {
+  std::lock_guard<std::mutex> lock(mu);
+  return broken;
+}
+
+void PgIssuer::Run() {
+  while (true) {
+    std::function<void()> job;
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return stop || !jobs.empty(); });
+      if (jobs.empty()) return;  // stopped and drained
+      job = std::move(jobs.front());
+      jobs.pop_front();
+    }
+    job();
+  }
+}
+
+namespace {
+
+// The issuer thread's part of one group: the header exchange, then the collectives (see [Note: tessera's own
+// group, and a header before every collective]). Ends `done` on any failure, or hands it to a waiter thread.
+void RunGroup(PgIssuer& issuer, const c10::intrusive_ptr<c10d::ProcessGroup>& group, DesyncMonitor& monitor,
+              const Position& pos, const std::string& what, const std::vector<PendingOp>& ops,
+              const std::shared_ptr<Completion>& done, absl::Duration deadline, bool headers, int size) {
+  auto fail = [&](const absl::Status& s) {
+    issuer.Break(s, group);
+    done->Finish(s);
+  };
+  if (absl::Status broken = issuer.Broken(); !broken.ok()) return done->Finish(broken);
+  if (headers) {
+    // See [Note: a header before every gloo collective] in comm/desync.h.
+    const std::string header_what = "header exchange before " + what;
+    const std::array<int64_t, 2> mine = DesyncMonitor::Header(pos);
+    // The int64 bits travel in a float64 tensor (an all-gather copies bytes): every CPU backend takes float64.
+    at::Tensor header = at::empty({2}, at::kDouble);
+    std::memcpy(header.data_ptr<double>(), mine.data(), sizeof(mine));
+    at::Tensor gathered = at::empty({2 * size}, at::kDouble);
+    try {
+      c10d::AllgatherOptions o;
+      o.timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(deadline + kHeaderMargin));
+      group->_allgather_base(gathered, header, o)->wait();
+    } catch (const std::exception& e) {
+      return fail(FromException(e, header_what));
+    }
+    std::vector<int64_t> all(2 * size);
+    std::memcpy(all.data(), gathered.data_ptr<double>(), all.size() * sizeof(int64_t));
+    absl::Status same = monitor.CompareHeaders(pos, all, deadline);
+    if (!same.ok()) return fail(same);
+    // The caller may have given up meanwhile (its deadline, or a desync found while this header waited): then its
+    // collectives must not be issued, or a late peer's would pair with them.
+    if (absl::Status broken = issuer.Broken(); !broken.ok()) return done->Finish(broken);
+  }
+  const auto timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(deadline));
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  for (const PendingOp& op : ops) {
+    try {
+      at::Tensor in = op.in, out = op.out;
+      switch (op.kind) {
+        case CollectiveKind::kAllGather: {
+          c10d::AllgatherOptions o;
+          o.timeout = timeout;
+          works.push_back(group->_allgather_base(out, in, o));
+          break;
+        }
+        case CollectiveKind::kReduceScatter: {
+          c10d::ReduceScatterOptions o;
+          o.reduceOp = c10d::ReduceOp::SUM;
+          o.timeout = timeout;
+          works.push_back(group->_reduce_scatter_base(out, in, o));
+          break;
+        }
+        case CollectiveKind::kAllReduce: {
+          std::vector<at::Tensor> t{out};
+          c10d::AllreduceOptions o;
+          o.reduceOp = c10d::ReduceOp::SUM;
+          o.timeout = timeout;
+          works.push_back(group->allreduce(t, o));
+          break;
+        }
+        case CollectiveKind::kBroadcast: {
+          std::vector<at::Tensor> t{out};
+          c10d::BroadcastOptions o;
+          o.rootRank = op.root;
+          o.timeout = timeout;
+          works.push_back(group->broadcast(t, o));
+          break;
+        }
+      }
+    } catch (const std::exception& e) {
+      // Drain what was issued so no buffer is still in use when the caller's Wait() returns.
+      for (const auto& w : works) {
+        try {
+          w->wait();
+        } catch (...) {
+        }
+      }
+      return fail(FromException(e, op.what));
+    }
+  }
+  StartWaiter(std::move(works), done, what);
+}
 
 std::unique_ptr<DesyncMonitor> DisabledMonitor(int rank, int size) {
   auto m = DesyncMonitor::Create(rank, size, "pg", DesyncOptions{});
@@ -167,9 +264,19 @@ PgCommunicator::PgCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> group)
       monitor_(DisabledMonitor(rank_, size_)),
       // No abort on failure: a c10d gloo collective cannot be cancelled; the communicator is failed for good.
       watchdog_(std::make_unique<Watchdog>(absl::StrFormat("communicator %s (rank %d of %d)", name_, rank_, size_),
-                                           nullptr, nullptr)) {}
+                                           nullptr, nullptr)),
+      issuer_(std::make_shared<PgIssuer>()) {
+  // Detached: it drains the queue after the communicator is gone (a header may wait for a peer up to its timeout).
+  std::thread([issuer = issuer_] { issuer->Run(); }).detach();
+}
 
-PgCommunicator::~PgCommunicator() = default;
+PgCommunicator::~PgCommunicator() {
+  {
+    std::lock_guard<std::mutex> lock(issuer_->mu);
+    issuer_->stop = true;
+  }
+  issuer_->cv.notify_all();
+}
 
 absl::StatusOr<std::unique_ptr<PgCommunicator>> PgCommunicator::Create(c10::intrusive_ptr<c10d::ProcessGroup> group,
                                                                       DesyncOptions desync,
@@ -211,13 +318,9 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
   for (const Collective& op : ops) TESSERA_RETURN_IF_ERROR(ValidateCollective(op, size_));
   TESSERA_ASSIGN_OR_RETURN(c10::intrusive_ptr<c10d::ProcessGroup> group, group());
   TESSERA_RETURN_IF_ERROR(watchdog_->status());  // a collective of this communicator missed its deadline earlier
-  {
-    std::lock_guard<std::mutex> lock(broken_mu_);
-    if (!broken_.ok()) return broken_;
-  }
+  TESSERA_RETURN_IF_ERROR(issuer_->Broken());     // a desync or a failed header earlier
   if (ops.empty()) return std::unique_ptr<Work>(std::make_unique<DoneWork>());
   const absl::Duration deadline = EffectiveTimeout(options.timeout);
-  const auto timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(deadline));
   // Counted at issue: every rank numbers its groups the same way as long as they stay in step.
   const Position pos = monitor_->Next(ops, options.tag);
   const std::string where = Where(options);  // rank, step, tag
@@ -229,107 +332,38 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
   const std::string what =
       ops.size() == 1 ? describe(ops[0])
                       : absl::StrFormat("%s on %s [%s, #%d]", pos.signature, where, backend_name(), pos.seq);
-  if (size_ > 1 && exchange_headers_) TESSERA_RETURN_IF_ERROR(ExchangeHeader(group, pos, what, deadline));
-  auto group_work = std::make_unique<PgWork>(monitor_, pos, what, deadline);
+  auto done = std::make_shared<Completion>();
+  auto work = std::make_unique<PgWork>(
+      monitor_, pos, what, deadline, done,
+      [issuer = issuer_, group](const absl::Status& s) { issuer->Break(s, group); });
+  std::vector<PendingOp> pending;
   for (const Collective& op : ops) {
-    const std::string op_what = describe(op);
-    at::Tensor in = torch_rt::TensorFromView(op.input);
-    at::Tensor out = torch_rt::TensorFromView(op.output);
-    at::Tensor divide_out;
-    try {
-      c10::intrusive_ptr<c10d::Work> work;
-      switch (op.kind) {
-        case CollectiveKind::kAllGather: {
-          c10d::AllgatherOptions o;
-          o.timeout = timeout;
-          work = group->_allgather_base(out, in, o);
-          break;
-        }
-        case CollectiveKind::kReduceScatter: {
-          c10d::ReduceScatterOptions o;
-          o.reduceOp = c10d::ReduceOp::SUM;
-          o.timeout = timeout;
-          work = group->_reduce_scatter_base(out, in, o);
-          if (op.op == ReduceOp::kAvg) divide_out = out;
-          break;
-        }
-        case CollectiveKind::kAllReduce: {
-          if (op.output.data != op.input.data) out.copy_(in);
-          std::vector<at::Tensor> t{out};
-          c10d::AllreduceOptions o;
-          o.reduceOp = c10d::ReduceOp::SUM;
-          o.timeout = timeout;
-          work = group->allreduce(t, o);
-          if (op.op == ReduceOp::kAvg) divide_out = out;
-          break;
-        }
-        case CollectiveKind::kBroadcast: {
-          if (op.output.data != op.input.data) out.copy_(in);
-          std::vector<at::Tensor> t{out};
-          c10d::BroadcastOptions o;
-          o.rootRank = op.root;
-          o.timeout = timeout;
-          work = group->broadcast(t, o);
-          break;
-        }
-      }
-      group_work->Add(std::move(work), divide_out, size_);
-    } catch (const std::exception& e) {
-      // Drain what was issued so no buffer is still in use when we return.
-      (void)group_work->Wait();
-      return FromException(e, op_what);
+    PendingOp p{op.kind, torch_rt::TensorFromView(op.input), torch_rt::TensorFromView(op.output), op.root,
+                describe(op)};
+    if ((op.kind == CollectiveKind::kAllReduce || op.kind == CollectiveKind::kBroadcast) &&
+        op.output.data != op.input.data) {
+      p.out.copy_(p.in);  // in place from here on
     }
+    if ((op.kind == CollectiveKind::kAllReduce || op.kind == CollectiveKind::kReduceScatter) &&
+        op.op == ReduceOp::kAvg) {
+      work->DivideAfter(p.out, size_);
+    }
+    pending.push_back(std::move(p));
   }
+  // See [Note: tessera's own group, and a header before every collective]: the issuer thread issues every group
+  // of this communicator, in order, each after its header exchange.
+  {
+    std::lock_guard<std::mutex> lock(issuer_->mu);
+    issuer_->jobs.push_back([issuer = issuer_, group, monitor = monitor_, pos, what, pending = std::move(pending),
+                             done, deadline, headers = size_ > 1 && exchange_headers_, size = size_] {
+      RunGroup(*issuer, group, *monitor, pos, what, pending, done, deadline, headers, size);
+    });
+  }
+  issuer_->cv.notify_one();
   // The same deadline the NCCL backend's watchdog enforces (see [Note: the collective watchdog]): a group whose
   // Wait() comes late, or never, still fails the communicator at its deadline, and later calls fail fast with it.
-  TESSERA_RETURN_IF_ERROR(watchdog_->Watch(what, deadline, group_work->Start()));
-  return std::unique_ptr<Work>(std::move(group_work));
-}
-
-absl::Status PgCommunicator::ExchangeHeader(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const Position& pos, const std::string& what,
-                                            absl::Duration deadline) {
-  // See [Note: a header before every gloo collective] in comm/desync.h.
-  const std::array<int64_t, 2> mine = DesyncMonitor::Header(pos);
-  at::Tensor header = at::empty({2}, at::kLong);
-  std::memcpy(header.data_ptr<int64_t>(), mine.data(), sizeof(mine));
-  at::Tensor gathered = at::empty({2 * size_}, at::kLong);
-  const std::string header_what = "header exchange before " + what;
-  PgWork work(monitor_, pos, header_what, deadline);
-  try {
-    c10d::AllgatherOptions o;
-    // gloo's own bound a little past ours (the fast wait comes first): our deadline reports, naming positions.
-    o.timeout = std::chrono::milliseconds(absl::ToInt64Milliseconds(deadline + kHeaderFastWait + absl::Seconds(1)));
-    work.Add(group->_allgather_base(gathered, header, o), at::Tensor(), 1);
-  } catch (const std::exception& e) {
-    return Break(FromException(e, header_what), group);
-  }
-  // Ranks in step meet within a round trip; only a late peer needs the waiter thread, the watchdog and the notes.
-  if (!work.FinishedWithin(std::min(kHeaderFastWait, deadline))) {
-    absl::Status watched = watchdog_->Watch(header_what, deadline, work.Start());
-    if (!watched.ok()) return Break(watched, group);
-    absl::Status waited = work.Wait();
-    if (!waited.ok()) return Break(waited, group);
-  }
-  absl::Status same = monitor_->CompareHeaders(
-      pos, absl::MakeConstSpan(gathered.data_ptr<int64_t>(), static_cast<size_t>(2 * size_)), deadline);
-  if (!same.ok()) return Break(same, group);
-  return absl::OkStatus();
-}
-
-absl::Status PgCommunicator::Break(absl::Status status, const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
-  {
-    std::lock_guard<std::mutex> lock(broken_mu_);
-    if (broken_.ok()) {
-      broken_ = absl::Status(status.code(), absl::StrCat(status.message(), " [this communicator is unusable from "
-                                                         "now on: create the sharding again in a new job attempt]"));
-    }
-  }
-  // Never destroyed: ~ProcessGroupGloo would wait for a pending collective up to its timeout.
-  static std::mutex* leaked_mu = new std::mutex;
-  static auto* leaked = new std::vector<c10::intrusive_ptr<c10d::ProcessGroup>>;
-  std::lock_guard<std::mutex> lock(*leaked_mu);
-  if (std::find(leaked->begin(), leaked->end(), group) == leaked->end()) leaked->push_back(group);
-  return status;
+  TESSERA_RETURN_IF_ERROR(watchdog_->Watch(what, deadline, [done] { return done->Poll(); }));
+  return std::unique_ptr<Work>(std::move(work));
 }
 
 absl::Status PgCommunicator::Barrier(absl::Duration timeout) {

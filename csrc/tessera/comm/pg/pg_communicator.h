@@ -35,20 +35,25 @@
 //  - before each collective every rank all-gathers a fixed 16-byte header (sequence number and a hash of the
 //    signature and tag; see [Note: a header before every gloo collective] in comm/desync.h), and only then issues
 //    the collective. Mismatched collectives are never paired by gloo: every rank raises tessera.DesyncError.
-// Considered and not taken: checking positions through the store before each collective (the strict check: a few
-// store round trips per collective, and TCPStore serves every rank from one process), and issuing headers from a
-// background thread to keep Issue() non-blocking (gloo tags are taken at issue, so every rank's issue order across
-// threads would have to be fixed too). Issue() therefore blocks until every rank issued the same collective (the
-// header is waited for in the calling thread first: ranks in step meet within a round trip); the data still moves
-// asynchronously, overlapping compute as before. Cost: one small all-gather round trip per collective, CPU gloo
-// only (NCCL is untouched); benchmarks/desync_header.py measures it with and without headers in one run
-// (benchmarks/results/desync_header_cpu2rank_devvm_202612.md).
+// The header must complete before the collective is issued, and gloo pairs by issue order, so one issuer thread
+// per communicator issues every group in order (header, wait, compare, then the collectives); Issue() only queues,
+// so a prefetched all-gather still overlaps compute. Every rank issues its groups in program order, so every rank's
+// issue order on the group is the same. Considered and not taken: checking positions through the store before each
+// collective (the strict check: a few store round trips per collective, and TCPStore serves every rank from one
+// process); waiting for the header in Issue() itself (simpler and measured about as costly, but Issue() then blocks
+// until every peer issued the same collective, which callers that issue ahead do not expect); an all-reduce of the
+// header (gloo's all-reduce of a few bytes took 1.2-1.7 ms on the dev VM, its all-gather 0.1-0.3 ms). Cost: one small all-gather round trip per collective,
+// on the issuer thread, CPU gloo only (NCCL is untouched); benchmarks/desync_header.py measures it with and without
+// headers in one run (benchmarks/results/desync_header_cpu2rank_devvm_202612.md).
 // After a header mismatch, a header that never completed, or a desync, the communicator is broken for good: a
 // collective may still be pending in gloo (c10d cannot cancel one), and pairing anything after it would be wrong.
 // Such a group is kept alive until the process exits (never destroyed), since destroying it would wait for that
 // collective up to its timeout.
 #pragma once
 
+#include <condition_variable>
+#include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -60,6 +65,23 @@
 #include "tessera/comm/watchdog.h"
 
 namespace tessera::comm {
+
+// The thread that issues every group of one PgCommunicator, in order, each after its header exchange, and the
+// communicator's lasting failure (see [Note: tessera's own group, and a header before every collective]). Shared
+// with that thread and the works handed out, which may outlive the communicator.
+struct PgIssuer {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::function<void()>> jobs;  // guarded by mu
+  bool stop = false;                       // guarded by mu
+  absl::Status broken;                     // guarded by mu
+
+  // Records the communicator's failure (the first one wins) for every later call, and keeps `group` alive until
+  // the process exits: ~ProcessGroupGloo would wait for a pending collective up to its timeout.
+  void Break(const absl::Status& status, const c10::intrusive_ptr<c10d::ProcessGroup>& group);
+  absl::Status Broken();
+  void Run();  // the thread: runs jobs until stopped and drained
+};
 
 class PgCommunicator final : public Communicator {
  public:
@@ -90,14 +112,6 @@ class PgCommunicator final : public Communicator {
   absl::StatusOr<c10::intrusive_ptr<c10d::ProcessGroup>> group() const;
 
  private:
-  // All-reduces the header of the collective at `pos` and compares (see [Note: a header before every gloo
-  // collective]); on any failure the communicator is broken.
-  absl::Status ExchangeHeader(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const Position& pos,
-                              const std::string& what, absl::Duration deadline);
-  // Records `status` as the communicator's failure for every later call, keeps `group` alive until the process
-  // exits, and returns `status`.
-  absl::Status Break(absl::Status status, const c10::intrusive_ptr<c10d::ProcessGroup>& group);
-
   c10::weak_intrusive_ptr<c10d::ProcessGroup> group_;
   std::string name_;  // backend name, kept for messages after the group is gone
   int rank_;
@@ -105,8 +119,7 @@ class PgCommunicator final : public Communicator {
   std::shared_ptr<DesyncMonitor> monitor_;  // never null; disabled without a store
   std::unique_ptr<Watchdog> watchdog_;       // every issued group's deadline (see [Note: the collective watchdog])
   bool exchange_headers_ = true;
-  std::mutex broken_mu_;
-  absl::Status broken_;  // guarded by broken_mu_; see Break()
+  std::shared_ptr<PgIssuer> issuer_;  // never null; shared with its thread and the works
 };
 
 }  // namespace tessera::comm
