@@ -141,8 +141,8 @@ def main():
                            start_method="spawn")
         if args.out:
             with open(args.out, "a") as f, open(out_file) as r:
-                f.write(f"\n## Run (command: `python benchmarks/desync_header.py --rounds {args.rounds} --seq {args.seq}`)"
-                        "\n\n")
+                command = f"python benchmarks/desync_header.py --rounds {args.rounds} --seq {args.seq}"
+                f.write(f"\n## Run (command: `{command}`)\n\n")
                 f.write(r.read())
 
 

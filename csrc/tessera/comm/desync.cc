@@ -214,7 +214,7 @@ absl::Status DesyncMonitor::CompareHeaders(const Position& pos, absl::Span<const
                                   "every rank's position)", rank_, pos.Describe(), absl::StrJoin(differ, ", ")),
                   found_by);
   }
-  // Every rank saw the same reduced header, so every rank is here too: exchange positions through the store.
+  // Every rank saw the same gathered headers, so every rank is here too: exchange positions through the store.
   auto key = [&](int r) { return absl::StrFormat("%s/at/%d/%d", options_.key_prefix, pos.seq, r); };
   TESSERA_RETURN_IF_ERROR_CTX(options_.store->Set(key(rank_), Encode(true, 0, pos)), owner_,
                               ": publishing this rank's position after a header mismatch");
@@ -269,7 +269,8 @@ std::string DesyncMonitor::Positions(const std::vector<std::optional<Note>>& not
     if (!n.has_value()) {
       parts.push_back(absl::StrFormat("rank %d has not reached this communicator", r));
     } else if (!n->waiting) {
-      parts.push_back(absl::StrFormat("rank %d is not in a tessera collective of it (computing, or blocked elsewhere)", r));
+      parts.push_back(
+          absl::StrFormat("rank %d is not in a tessera collective of it (computing, or blocked elsewhere)", r));
     } else {
       parts.push_back(absl::StrFormat("rank %d is at %s", r, n->pos.Describe()));
     }

@@ -51,14 +51,15 @@
 // per answer only while some rank asks.
 //
 // [Note: a header before every gloo collective]
-// Two ranks at different collectives of tessera's own group would have gloo pair them by issue order: different
-// sizes make gloo's transport thread throw (gloo::EnforceNotMet "Received data size doesn't match expected size"),
-// which aborts the process; equal sizes silently mix unrelated data. So the pg backend exchanges a fixed-size header
-// before every collective (Header(): the sequence number and a hash of the signature and tag, 16 bytes per rank,
-// all-gathered: gloo's all-gather of a few bytes took 0.1-0.3 ms on the dev VM where its all-reduce took 1.2-1.7 ms)
-// and issues the collective only if every rank's header was the same. Every rank sees the same reduced header, so a mismatch raises Aborted (tessera.DesyncError) on every
-// rank at the same collective, naming every rank's position (exchanged through the store), and no data moves.
-// The header wait goes through Await (deadline, notes) like any long wait; its cost: see pg_communicator.h.
+// Two ranks at different collectives of tessera's own group would have gloo pair them by issue order: different sizes
+// make gloo's transport thread throw (gloo::EnforceNotMet "Received data size doesn't match expected size"), which
+// aborts the process; equal sizes silently mix unrelated data. So the pg backend exchanges a fixed-size header before
+// every collective (Header(): the sequence number and a hash of the signature and tag, 16 bytes per rank, all-gathered:
+// gloo's all-gather of a few bytes took 0.1-0.3 ms on the dev VM where its all-reduce took 1.2-1.7 ms) and issues the
+// collective only if every rank's header was the same. Every rank sees the same gathered headers, so a mismatch raises
+// Aborted (tessera.DesyncError) on every rank at the same collective, naming every rank's position (exchanged through
+// the store), and no data moves. The caller's wait on the collective covers its header too (deadline, notes, watchdog);
+// the cost: see pg_communicator.h.
 #pragma once
 
 #include <array>

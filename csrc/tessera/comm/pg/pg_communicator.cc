@@ -12,6 +12,8 @@
 #include <exception>
 #include <vector>
 
+#include <ATen/ThreadLocalState.h>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "tessera/core/status.h"
@@ -278,9 +280,9 @@ PgCommunicator::~PgCommunicator() {
   issuer_->cv.notify_all();
 }
 
-absl::StatusOr<std::unique_ptr<PgCommunicator>> PgCommunicator::Create(c10::intrusive_ptr<c10d::ProcessGroup> group,
-                                                                      DesyncOptions desync,
-                                                                      c10::intrusive_ptr<c10d::ProcessGroup> user_group) {
+absl::StatusOr<std::unique_ptr<PgCommunicator>> PgCommunicator::Create(
+    c10::intrusive_ptr<c10d::ProcessGroup> group, DesyncOptions desync,
+    c10::intrusive_ptr<c10d::ProcessGroup> user_group) {
   std::unique_ptr<PgCommunicator> c(new PgCommunicator(std::move(group)));
   if (user_group && desync.store != nullptr) {
     // Weak: the user's group belongs to torch.distributed (see [Note: the adapter does not own the group]).
@@ -354,8 +356,13 @@ absl::StatusOr<std::unique_ptr<Work>> PgCommunicator::Issue(absl::Span<const Col
   // of this communicator, in order, each after its header exchange.
   {
     std::lock_guard<std::mutex> lock(issuer_->mu);
+    // The caller's thread-local torch state (inference mode, grad mode) goes with the job, as autograd's engine
+    // carries it to its threads: c10d writes into tensors made under the caller's modes (e.g. inference tensors of
+    // generation, which may be written only in inference mode).
     issuer_->jobs.push_back([issuer = issuer_, group, monitor = monitor_, pos, what, pending = std::move(pending),
-                             done, deadline, headers = size_ > 1 && exchange_headers_, size = size_] {
+                             done, deadline, headers = size_ > 1 && exchange_headers_, size = size_,
+                             tls = at::ThreadLocalState()] {
+      at::ThreadLocalStateGuard guard(tls);
       RunGroup(*issuer, group, *monitor, pos, what, pending, done, deadline, headers, size);
     });
   }

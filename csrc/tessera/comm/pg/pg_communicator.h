@@ -35,16 +35,16 @@
 //  - before each collective every rank all-gathers a fixed 16-byte header (sequence number and a hash of the
 //    signature and tag; see [Note: a header before every gloo collective] in comm/desync.h), and only then issues
 //    the collective. Mismatched collectives are never paired by gloo: every rank raises tessera.DesyncError.
-// The header must complete before the collective is issued, and gloo pairs by issue order, so one issuer thread
-// per communicator issues every group in order (header, wait, compare, then the collectives); Issue() only queues,
-// so a prefetched all-gather still overlaps compute. Every rank issues its groups in program order, so every rank's
-// issue order on the group is the same. Considered and not taken: checking positions through the store before each
-// collective (the strict check: a few store round trips per collective, and TCPStore serves every rank from one
-// process); waiting for the header in Issue() itself (simpler and measured about as costly, but Issue() then blocks
-// until every peer issued the same collective, which callers that issue ahead do not expect); an all-reduce of the
-// header (gloo's all-reduce of a few bytes took 1.2-1.7 ms on the dev VM, its all-gather 0.1-0.3 ms). Cost: one small all-gather round trip per collective,
-// on the issuer thread, CPU gloo only (NCCL is untouched); benchmarks/desync_header.py measures it with and without
-// headers in one run (benchmarks/results/desync_header_cpu2rank_devvm_202612.md).
+// The header must complete before the collective is issued, and gloo pairs by issue order, so one issuer thread per
+// communicator issues every group in order (header, wait, compare, then the collectives); Issue() only queues, so a
+// prefetched all-gather still overlaps compute. Every rank issues its groups in program order, so every rank's issue
+// order on the group is the same. Considered and not taken: checking positions through the store before each collective
+// (the strict check: a few store round trips per collective, and TCPStore serves every rank from one process); waiting
+// for the header in Issue() itself (simpler and measured about as costly, but Issue() then blocks until every peer
+// issued the same collective, which callers that issue ahead do not expect); an all-reduce of the header (gloo's
+// all-reduce of a few bytes took 1.2-1.7 ms on the dev VM, its all-gather 0.1-0.3 ms). Cost: one small all-gather round
+// trip per collective, on the issuer thread, CPU gloo only (NCCL is untouched); benchmarks/desync_header.py measures it
+// with and without headers in one run (benchmarks/results/desync_header_cpu2rank_devvm_202612.md).
 // After a header mismatch, a header that never completed, or a desync, the communicator is broken for good: a
 // collective may still be pending in gloo (c10d cannot cancel one), and pairing anything after it would be wrong.
 // Such a group is kept alive until the process exits (never destroyed), since destroying it would wait for that
