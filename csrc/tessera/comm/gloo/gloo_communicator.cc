@@ -12,6 +12,7 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -176,6 +177,7 @@ std::string Describe(const Collective& op) {
 // One issued group, shared by the queue, its Work and the watchdog's poll.
 struct Task {
   std::vector<Collective> ops;
+  Position pos;      // its sequence number, signature and tag: what its header says
   std::string what;  // e.g. "all_reduce of 8 elements (float32) on rank 0 of 2, step 3, fwd [gloo, #5]"
   absl::Time deadline;
   absl::Duration timeout;
@@ -208,6 +210,30 @@ absl::Status FromGlooError(const std::exception& e, const Task& task) {
       absl::StrFormat("%s failed: a peer was lost or a connection broke (gloo: %s)", task.what, msg));
 }
 
+// The header exchange before a group (see [Note: a header before every gloo collective] in comm/desync.h): every
+// rank's DesyncMonitor::Header() all-gathered (16 bytes per rank: the same size on every rank, whatever the groups,
+// so gloo always pairs it), then compared. Mismatch: Aborted naming every rank's position, on every rank.
+absl::Status ExchangeHeader(const std::shared_ptr<gloo::Context>& ctx, DesyncMonitor& monitor, const Task& task) {
+  const absl::Duration left = task.deadline - absl::Now();
+  if (left <= absl::ZeroDuration()) {
+    return absl::DeadlineExceededError(absl::StrFormat(
+        "%s timed out after %s before gloo started it (earlier collectives of this communicator took the time)",
+        task.what, absl::FormatDuration(task.timeout)));
+  }
+  const std::array<int64_t, 2> mine = DesyncMonitor::Header(task.pos);
+  std::vector<int64_t> gathered(2 * static_cast<size_t>(ctx->size));
+  std::copy(mine.begin(), mine.end(), gathered.begin() + 2 * ctx->rank);
+  try {
+    gloo::AllgatherOptions o(ctx);
+    o.setOutput<int64_t>(gathered.data(), gathered.size());  // no input set: gloo sends this rank's block
+    o.setTimeout(GlooTimeout(left));
+    gloo::allgather(o);
+  } catch (const std::exception& e) {
+    return WithContext(FromGlooError(e, task), "header exchange");
+  }
+  return monitor.CompareHeaders(task.pos, gathered, std::max(task.deadline - absl::Now(), absl::Seconds(1)));
+}
+
 // The Work of one group: waits for the worker to finish it (see [Note: the gloo worker]).
 class GlooWork final : public Work {
  public:
@@ -238,13 +264,15 @@ struct GlooCommunicator::State {
   std::shared_ptr<gloo::transport::Device> device;
   std::shared_ptr<gloo::rendezvous::Context> context;
   std::unique_ptr<Watchdog> watchdog;
+  // Numbers the groups and compares their headers; with the rendezvous store, so a mismatch names every rank's
+  // position. No first deadline or notes: the worker, not DesyncMonitor::Await, waits on gloo.
+  std::unique_ptr<DesyncMonitor> monitor;
 
   std::mutex mu;
   std::condition_variable cv;
   std::deque<std::shared_ptr<Task>> queue;  // guarded by mu
   bool stop = false;                        // guarded by mu
   absl::Status failure;                     // guarded by mu; the first failure, for good
-  int64_t next_seq = 0;                     // guarded by mu
   std::thread worker;
 
   void Fail(const absl::Status& s) {
@@ -272,6 +300,7 @@ struct GlooCommunicator::State {
         status = absl::UnavailableError(
             absl::StrFormat("%s refused: the communicator failed earlier: %s", task->what, status.message()));
       }
+      if (status.ok() && context->size > 1) status = ExchangeHeader(context, *monitor, *task);
       for (size_t k = 0; k < task->ops.size() && status.ok(); ++k) {
         const absl::Duration left = task->deadline - absl::Now();
         if (left <= absl::ZeroDuration()) {
@@ -344,6 +373,12 @@ absl::StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(int r
   }
   const std::string who = absl::StrFormat("gloo communicator '%s' (rank %d of %d)", prefix, rank, size);
   auto state = std::make_unique<State>();
+  DesyncOptions desync;
+  desync.store = store;
+  desync.key_prefix = prefix + "/desync";  // beside gloo's rendezvous keys (<prefix>/<rank>), never one of them
+  TESSERA_ASSIGN_OR_RETURN(
+      state->monitor,
+      DesyncMonitor::Create(rank, size, absl::StrFormat("gloo communicator '%s'", prefix), std::move(desync)));
   try {
     gloo::transport::tcp::attr attr;
     attr.hostname = hostname;
@@ -389,11 +424,9 @@ absl::StatusOr<std::unique_ptr<Work>> GlooCommunicator::Issue(absl::Span<const C
   task->ops.assign(ops.begin(), ops.end());
   task->timeout = EffectiveTimeout(options.timeout);
   task->deadline = absl::Now() + task->timeout;
-  int64_t seq;
-  {
-    std::lock_guard<std::mutex> lock(state_->mu);
-    seq = state_->next_seq++;
-  }
+  // Counted at issue: every rank numbers its groups the same way as long as they stay in step.
+  task->pos = state_->monitor->Next(ops, options.tag);
+  const int64_t seq = task->pos.seq;
   const std::string group =
       ops.size() == 1 ? Describe(ops[0])
                       : absl::StrFormat("group of %d collectives (%s)", ops.size(),
