@@ -346,6 +346,10 @@ def test_chat_stops_at_an_eos_that_only_generation_config_names(hf_models, tmp_p
     other = "hello"
     assert generate(model, tok, [question, other], chat=True, max_new_tokens=12) == [
         got, generate(model, tok, other, chat=True, max_new_tokens=12)]
+    # An export without a source directory keeps the generation config, so the exported model stops there too.
+    tm.save_hf(model, tmp_path / "export")
+    assert tm.load_hf(tmp_path / "export").generation_config["eos_token_id"] == [2, end_of_turn]
+    assert json.loads((tmp_path / "export" / "generation_config.json").read_text()) == model.generation_config
 
 
 def test_cli_bad_path_exits_2_naming_it(tmp_path):

@@ -88,7 +88,7 @@ def save_hf(module: nn.Module, out_dir: str | os.PathLike, *, dtype: torch.dtype
         if writer is not None:
             files = writer.commit()
             _write_side_files(out, fam.adapter.config_to_hf(cfg, _DTYPE_NAME.get(dtype, str(dtype))), files,
-                              files_from)
+                              files_from, getattr(module, "generation_config", None))
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -111,9 +111,13 @@ def _meta_shapes(cfg) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in build(cfg, device="meta").named_parameters()}
 
 
-def _write_side_files(out: Path, hf_config: dict, files: list[str], files_from) -> None:
-    """config.json, the copied tokenizer files, and removal of weight files a previous save left that this one
-    did not write (a stale index would point a reader at old weights)."""
+def _write_side_files(out: Path, hf_config: dict, files: list[str], files_from, generation_config) -> None:
+    """config.json, the copied tokenizer files, generation_config.json, and removal of weight files a previous save
+    left that this one did not write (a stale index would point a reader at old weights).
+
+    generation_config.json comes from `files_from` when it has one, else from the module's `generation_config` (the
+    dict tessera.models.load_hf attaches), so an export keeps the EOS ids a chat model stops at (often an EOS only in
+    that file, e.g. Llama 3's <|eot_id|>) even when no source directory is given."""
     keep = set(files) | ({INDEX} if len(files) > 1 else set())
     for p in out.iterdir():
         if (p.name == SINGLE or p.name == INDEX or
@@ -125,6 +129,10 @@ def _write_side_files(out: Path, hf_config: dict, files: list[str], files_from) 
             if (src / name).is_file() and src.resolve() != out.resolve():
                 shutil.copyfile(src / name, out / f".{name}.tmp")
                 os.replace(out / f".{name}.tmp", out / name)
+    if generation_config and not (files_from is not None and (Path(files_from) / "generation_config.json").is_file()):
+        tmp = out / f".generation_config.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(dict(generation_config), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out / "generation_config.json")
     tmp = out / f".config.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / "config.json")
