@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -42,6 +43,20 @@ void WriteReport(Storage& storage, int64_t step, const std::string& name, const 
                  "they will wait for their commit timeout\n", static_cast<long long>(step),
                  s.ok() ? "its tmp directory is gone" : std::string(s.message()).c_str());
   }
+}
+
+// [Note: a relayed failure keeps its code] A rank that learns of another rank's failure from its report returns
+// the failing rank's status code (the report is absl::Status::ToString(): "CODE_NAME: message"), so a full disk
+// on rank 1 is ResourceExhausted on every rank and a lost peer Unavailable: what the job's exit status is decided
+// from (python/tessera/exitcodes.py) is the root cause's kind whichever rank reports first. Aborted when the report
+// names no code (it could not be read).
+absl::StatusCode ReportedCode(const absl::StatusOr<std::string>& text) {
+  if (!text.ok()) return absl::StatusCode::kAborted;
+  for (int c = 1; c <= 16; ++c) {
+    const auto code = static_cast<absl::StatusCode>(c);
+    if (absl::StartsWith(*text, absl::StrCat(absl::StatusCodeToString(code), ":"))) return code;
+  }
+  return absl::StatusCode::kAborted;
 }
 
 // The (name, start, count, xxh3) of every piece a given file holds, sorted: what identifies one save's data.
@@ -122,8 +137,9 @@ absl::Status MergeAndRename(Storage& storage, int64_t step, int32_t world_size, 
       TESSERA_ASSIGN_OR_RETURN(bool failed, storage.Exists(report));
       if (failed) {
         absl::StatusOr<std::string> text = storage.ReadAll(report);
-        return absl::AbortedError(absl::StrFormat("step %d: rank %d could not save its part: %s", step, r,
-                                                  text.ok() ? *text : "(its report could not be read)"));
+        return absl::Status(ReportedCode(text),  // see [Note: a relayed failure keeps its code]
+                            absl::StrFormat("step %d: rank %d could not save its part: %s", step, r,
+                                            text.ok() ? *text : "(its report could not be read)"));
       }
       const std::string path = Join(tmp, RankIndexName(r));
       TESSERA_ASSIGN_OR_RETURN(bool exists, storage.Exists(path));
@@ -247,9 +263,9 @@ absl::Status WaitForCommit(Storage& storage, const RankIndex& mine, absl::Durati
     TESSERA_ASSIGN_OR_RETURN(bool reported, storage.Exists(report_path));
     if (reported) {
       absl::StatusOr<std::string> text = storage.ReadAll(report_path);
-      return absl::AbortedError(absl::StrFormat("rank %d: step %d was not committed; rank 0 reported: %s",
-                                                mine.rank, mine.step,
-                                                text.ok() ? *text : "(its report could not be read)"));
+      return absl::Status(ReportedCode(text),  // see [Note: a relayed failure keeps its code]
+                          absl::StrFormat("rank %d: step %d was not committed; rank 0 reported: %s", mine.rank,
+                                          mine.step, text.ok() ? *text : "(its report could not be read)"));
     }
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(absl::StrFormat(

@@ -33,7 +33,8 @@ void ReportCommitFailure(Storage& storage, int64_t step, int64_t attempt, int32_
 void ReportRankFailure(Storage& storage, int64_t step, int64_t attempt, int32_t rank, const absl::Status& error);
 
 // Other ranks: waits until step `step` is committed with this rank's pieces (`mine`, the index it wrote) in it, or
-// rank 0 reports that this attempt failed (Aborted, with rank 0's error).
+// rank 0 reports that this attempt failed (rank 0's error, with its status code: see [Note: a relayed failure keeps
+// its code] in commit.cc).
 absl::Status WaitForCommit(Storage& storage, const RankIndex& mine, absl::Duration timeout);
 
 // Committed checkpoints beyond the `keep_last` newest are retired (renamed to .tmp-deleting-*, so they are no longer

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tessera  # noqa: E402
+import tessera.exitcodes  # noqa: E402
 from models import make_model  # noqa: E402
 from shard.parity import shard_model  # noqa: E402
 
@@ -44,6 +45,9 @@ try:
     print("save unexpectedly succeeded", flush=True)
 except tessera.CheckpointError as e:
     print(f"save failed: {e}", flush=True)
+    # A full disk is restartable on every rank, also where it arrived as another rank's report: the job's exit
+    # status must not depend on which rank reports first ([Note: a relayed failure keeps its code], commit.cc).
+    print(f"exit status of the failure: {tessera.exitcodes.for_exception(e)}", flush=True)
 print("committed after failure:", ckpt.committed_steps(), flush=True)
 train()
 print("trained on after failure", flush=True)

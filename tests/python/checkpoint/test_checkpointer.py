@@ -239,6 +239,7 @@ def test_full_disk_fails_cleanly_and_training_goes_on(tmp_path, world, full_rank
         if rank != full_rank and rank == 0:
             assert f"rank {full_rank} could not save its part" in out, out
         assert "committed after failure: [1]" in out
+        assert "exit status of the failure: 75" in out, out  # before the fix: 1 on the ranks that got a report
         assert "trained on after failure" in out
         assert "next save raised: checkpoint step 3 was not saved" in out, out  # an unwatched failure is not lost
         assert "saved again once space returned: [2, 1]" in out
