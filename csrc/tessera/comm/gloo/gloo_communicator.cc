@@ -29,6 +29,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "tessera/comm/completion.h"
 #include "tessera/comm/watchdog.h"
 #include "tessera/core/dtype.h"
 #include "tessera/core/dtype_access.h"
@@ -181,20 +182,7 @@ struct Task {
   std::string what;  // e.g. "all_reduce of 8 elements (float32) on rank 0 of 2, step 3, fwd [gloo, #5]"
   absl::Time deadline;
   absl::Duration timeout;
-
-  std::mutex mu;
-  std::condition_variable cv;
-  bool finished = false;  // guarded by mu
-  absl::Status status;    // guarded by mu
-
-  void Finish(absl::Status s) {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      finished = true;
-      status = std::move(s);
-    }
-    cv.notify_all();
-  }
+  Completion done;
 };
 
 // A gloo exception as a Status: gloo's timeouts say "Timed out"; anything else is a lost peer or a broken
@@ -241,12 +229,10 @@ class GlooWork final : public Work {
   absl::Status Wait() override {
     if (waited_) return absl::FailedPreconditionError(absl::StrFormat("%s: Wait() called twice", task_->what));
     waited_ = true;
-    std::unique_lock<std::mutex> lock(task_->mu);
     const absl::Duration left = std::max(task_->deadline - absl::Now(), absl::ZeroDuration()) + kWorkerGrace;
-    if (task_->cv.wait_for(lock, absl::ToChronoNanoseconds(std::min(left, kLongestGlooTimeout)),
-                           [&] { return task_->finished; })) {
-      return task_->status;
-    }
+    absl::StatusOr<bool> finished = task_->done.WaitFor(std::min(left, kLongestGlooTimeout));
+    if (!finished.ok()) return finished.status();
+    if (*finished) return absl::OkStatus();
     // The watchdog has failed the communicator by now (the deadline passed), so later calls fail fast.
     return absl::DeadlineExceededError(absl::StrFormat(
         "%s timed out after %s, and gloo had not returned %s later (its buffers may still be in use)", task_->what,
@@ -316,7 +302,7 @@ struct GlooCommunicator::State {
         }
       }
       if (!status.ok()) Fail(status);
-      task->Finish(status);
+      task->done.Finish(status);
     }
   }
 };
@@ -332,7 +318,7 @@ GlooCommunicator::~GlooCommunicator() {
     left.swap(state_->queue);
   }
   state_->cv.notify_all();
-  for (auto& task : left) task->Finish(absl::CancelledError(task->what + ": the communicator was destroyed"));
+  for (auto& task : left) task->done.Finish(absl::CancelledError(task->what + ": the communicator was destroyed"));
   // A group already inside gloo ends by its deadline.
   if (state_->worker.joinable()) state_->worker.join();
 }
@@ -434,12 +420,8 @@ absl::StatusOr<std::unique_ptr<Work>> GlooCommunicator::Issue(absl::Span<const C
                                           out->append(Describe(op));
                                         }));
   task->what = absl::StrFormat("%s on %s [gloo, #%d]", group, Where(options), seq);
-  TESSERA_RETURN_IF_ERROR(state_->watchdog->Watch(task->what, task->timeout, [task]() -> absl::StatusOr<bool> {
-    std::lock_guard<std::mutex> lock(task->mu);
-    if (!task->finished) return false;
-    if (!task->status.ok()) return task->status;
-    return true;
-  }));
+  TESSERA_RETURN_IF_ERROR(
+      state_->watchdog->Watch(task->what, task->timeout, [task] { return task->done.Poll(); }));
   {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->queue.push_back(task);

@@ -16,6 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "tessera/comm/completion.h"
 #include "tessera/core/status.h"
 #include "tessera/torch/tensor_view.h"
 
@@ -29,31 +30,6 @@ absl::Status FromException(const std::exception& e, const std::string& what) {
   std::string text = absl::StrFormat("%s failed: %s", what, msg.substr(0, 2000));
   return timeout ? absl::DeadlineExceededError(text) : absl::UnavailableError(text);
 }
-
-// How one issued group ends: set once by the issuer thread (an error before its collectives were issued) or by its
-// waiter thread (when every c10d work finished, or failed).
-struct Completion {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool finished = false;  // guarded by mu
-  absl::Status status;    // guarded by mu
-
-  void Finish(absl::Status s) {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      finished = true;
-      status = std::move(s);
-    }
-    cv.notify_all();
-  }
-  // true when finished, false while running, or the error.
-  absl::StatusOr<bool> Poll() {
-    std::lock_guard<std::mutex> lock(mu);
-    if (!finished) return false;
-    if (!status.ok()) return status;
-    return true;
-  }
-};
 
 // Waits for every work of a group on a thread of its own, then finishes `done` (see [Note: waiting on c10d works
 // in slices]). The thread owns what it touches, so it may outlive the group's Work.
@@ -94,12 +70,8 @@ class PgWork final : public Work {
   absl::Status Wait() override {
     if (waited_) return absl::FailedPreconditionError(absl::StrFormat("%s: Wait() called twice", what_));
     waited_ = true;
-    absl::Status status = monitor_->Await(pos_, what_, timeout_, [this](absl::Duration d) -> absl::StatusOr<bool> {
-      std::unique_lock<std::mutex> lock(done_->mu);
-      if (!done_->cv.wait_for(lock, absl::ToChronoNanoseconds(d), [&] { return done_->finished; })) return false;
-      if (!done_->status.ok()) return done_->status;
-      return true;
-    });
+    absl::Status status =
+        monitor_->Await(pos_, what_, timeout_, [this](absl::Duration d) { return done_->WaitFor(d); });
     if (!status.ok()) {
       // The collective may stay in c10d's hands (it cannot be cancelled): nothing may be paired after it.
       on_failure_(status);
